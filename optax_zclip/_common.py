@@ -1,0 +1,129 @@
+"""Shared machinery of every transform: float32 norms, scaling, validation.
+
+Every clipping rule in this package is "measure some L2 norms, then multiply the
+updates by a scalar". The measuring and the multiplying live here, once, so that
+the float32 accumulation, the cross-device ``psum`` and the dtype rules are the
+same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A mesh axis name, or a tuple of them, as accepted by `jax.lax.psum`.
+AxisName = Union[Hashable, Sequence[Hashable], None]
+
+F32 = jnp.float32
+
+
+def _leaf_sq_sum(x: jax.Array) -> jax.Array:
+  # Square in float32: bf16/f16 squares lose most of their mantissa and f16
+  # overflows above 256, and a low-precision sum over millions of elements
+  # drifts far from the true value.
+  x = jnp.asarray(x)
+  if jnp.iscomplexobj(x):
+    x = jnp.abs(x)
+  x = x.astype(F32)
+  return jnp.sum(x * x)
+
+
+def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  if axis_name is None:
+    return x
+  return jax.lax.psum(x, axis_name)
+
+
+def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
+  """Float32 L2 norm of all leaves of ``tree`` together.
+
+  With ``axis_name`` the local squared sum is summed over that mesh axis before
+  the square root, so each device may hold only a slice of the gradients.
+  An empty tree has norm 0.
+  """
+  leaves = jax.tree.leaves(tree)
+  sq = sum((_leaf_sq_sum(x) for x in leaves), jnp.zeros([], F32))
+  return jnp.sqrt(_psum(sq, axis_name))
+
+
+def leaf_norms(tree: Any, axis_name: AxisName = None) -> Any:
+  """Float32 L2 norm of each leaf of ``tree``, as a tree of scalars.
+
+  With ``axis_name`` all per-leaf squared sums travel in a single ``psum``.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return tree
+  sq = jnp.stack([_leaf_sq_sum(x) for x in leaves])
+  norms = jnp.sqrt(_psum(sq, axis_name))
+  return jax.tree.unflatten(treedef, list(norms))
+
+
+def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """``x * scale`` for a float32 scalar ``scale``, keeping ``x``'s dtype.
+
+  The product is formed in at least float32 (a bf16 copy of the scale would
+  round it to 8 bits) and cast back; XLA fuses the casts and the multiply into
+  the consumer's elementwise pass.
+  """
+  x = jnp.asarray(x)
+  wide = jnp.promote_types(x.dtype, F32)
+  return (x.astype(wide) * scale.astype(wide)).astype(x.dtype)
+
+
+def scale_tree(tree: Any, scale: jax.Array) -> Any:
+  """Multiplies every leaf of ``tree`` by one float32 scalar (`scale_leaf`)."""
+  return jax.tree.map(lambda x: scale_leaf(x, scale), tree)
+
+
+def as_f32(x: jax.typing.ArrayLike) -> jax.Array:
+  """A hyperparameter as a float32 array (the statistics are float32)."""
+  return jnp.asarray(x, F32)
+
+
+# ---------------------------------------------------------------------------
+# Validation of hyperparameters at build time.
+#
+# Only concrete Python/NumPy values are checked: under
+# `optax.inject_hyperparams` the factory receives jax arrays (often tracers),
+# which must not be pulled to the host.
+
+
+def _concrete(value: Any) -> float | None:
+  if isinstance(value, (bool, np.bool_)):
+    return float(value)
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return float(value)
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return float(value)
+  return None
+
+
+def check_number(name: str, value: Any, ok: Callable[[float], bool],
+                 allowed: str) -> None:
+  """Raises ``ValueError`` if a concrete ``value`` fails ``ok``."""
+  v = _concrete(value)
+  if v is not None and not (math.isfinite(v) and ok(v)):
+    raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+  """Raises ``ValueError`` unless a concrete ``value`` is an int >= minimum."""
+  if isinstance(value, (bool, np.bool_)) or isinstance(
+      value, (float, np.floating)):
+    raise ValueError(
+        f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+  check_number(name, value, lambda v: v >= minimum,
+               f"an integer >= {minimum}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+  """Returns ``value`` lower-cased, or raises ``ValueError``."""
+  if isinstance(value, str) and value.lower() in choices:
+    return value.lower()
+  raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}.")

@@ -1,0 +1,105 @@
+"""Telemetry: find the clipping state in any optimizer state and report it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optax_zclip._zclip import ZClipState
+
+
+def _zclip_telemetry(s: ZClipState) -> dict[str, jax.Array]:
+  out = dict(s._asdict())
+  out["std"] = jnp.sqrt(s.var)
+  return out
+
+
+# State class -> function from a state (with plain array fields) to its
+# telemetry. Each transform with a state registers here.
+_TELEMETRY: dict[type[NamedTuple], Callable[[Any], dict[str, jax.Array]]] = {
+    ZClipState: _zclip_telemetry,
+}
+
+
+def _state_class(node: Any) -> type[NamedTuple] | None:
+  for cls in _TELEMETRY:
+    if isinstance(node, cls):
+      return cls
+    # `nnx.state(optimizer)` turns NamedTuples into mappings of their fields.
+    if (isinstance(node, Mapping) and not isinstance(node, tuple)
+        and set(node.keys()) == set(cls._fields)):
+      return cls
+  return None
+
+
+def _unwrap(field: Any) -> jax.Array:
+  # Inside `nnx.Optimizer` each field is a Variable: a pytree node around
+  # exactly one array.
+  leaves = jax.tree.leaves(field)
+  if len(leaves) != 1:
+    raise ValueError(f"expected one array in a state field, got {field!r}")
+  return jnp.asarray(leaves[0])
+
+
+def stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Telemetry of the clipping transform(s) inside an optimizer state.
+
+  Searches any nesting of optimizer states, such as `optax.chain`,
+  `optax.inject_hyperparams`, `optax.MultiSteps`, a Flax ``nnx.Optimizer``
+  (pass the optimizer, its ``opt_state``, or ``nnx.state(optimizer)``), for
+  the state of `optax_zclip.zclip` and returns its fields as float32 / int32
+  scalars, ready to log. Pure, so it can run inside `jax.jit` and return the
+  values with the rest of a train step's metrics.
+
+  For a `ZClipState` the keys are its fields (``count``, ``mean``, ``var``,
+  ``grad_norm``, ``clipped_norm``, ``z_score``, ``threshold``,
+  ``spike_count``, ``nonfinite_count``) plus ``std = sqrt(var)``.
+
+  If the state holds several clipping states (say, one per parameter group
+  with `optax.partition`), each key is prefixed by the state's path in the
+  tree, as `jax.tree_util.keystr` writes it, and a slash.
+
+  Args:
+    opt_state: an optimizer state, or any pytree containing one.
+
+  Returns:
+    A dict from metric name to scalar array.
+
+  Raises:
+    ValueError: if no clipping state is found.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_zclip
+    >>> tx = optax.chain(optax_zclip.zclip(), optax.adamw(1e-3))
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> sorted(optax_zclip.stats(state))  # doctest: +NORMALIZE_WHITESPACE
+    ['clipped_norm', 'count', 'grad_norm', 'mean', 'nonfinite_count',
+     'spike_count', 'std', 'threshold', 'var', 'z_score']
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025.
+  """
+  found = [
+      (path, node) for path, node in jax.tree_util.tree_flatten_with_path(
+          opt_state, is_leaf=lambda x: _state_class(x) is not None)[0]
+      if _state_class(node) is not None
+  ]
+  if not found:
+    names = ", ".join(cls.__name__ for cls in _TELEMETRY)
+    raise ValueError(
+        f"no clipping state ({names}) found in the optimizer state; pass the "
+        "state returned by `tx.init`/`tx.update` or an `nnx.Optimizer`.")
+  result: dict[str, jax.Array] = {}
+  for path, node in found:
+    cls = _state_class(node)
+    fields = node if isinstance(node, Mapping) else node._asdict()
+    state = cls(**{k: _unwrap(fields[k]) for k in cls._fields})
+    prefix = "" if len(found) == 1 else jax.tree_util.keystr(path) + "/"
+    result.update(
+        {prefix + k: v for k, v in _TELEMETRY[cls](state).items()})
+  return result

@@ -1,0 +1,274 @@
+"""ZClip: adaptive gradient clipping by z-score anomaly detection."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_zclip import _common
+from optax_zclip._common import F32, AxisName
+
+MODES = ("zscore", "percentile")
+CLIP_OPTIONS = ("adaptive_scaling", "mean", "max")
+
+
+class ZClipState(NamedTuple):
+  """State of `zclip`: the norm statistics plus telemetry of the last step.
+
+  Every field is a scalar. The field names are public API: log them with
+  `optax_zclip.stats`.
+
+  Attributes:
+    count: int32, number of steps whose global norm was finite, i.e. the
+      number of norms the statistics have seen. Warm-up lasts while
+      ``count < warmup_steps``. Non-finite steps are counted in
+      ``nonfinite_count`` instead.
+    mean: float32, the statistics' mean of the gradient norm. During warm-up
+      the arithmetic mean of the norms so far; afterwards their exponential
+      moving average (EMA).
+    var: float32, the statistics' variance. During warm-up the population
+      variance (divided by N) of the norms so far; afterwards the EMA
+      variance.
+    grad_norm: float32, global L2 norm of the last step's incoming updates,
+      before clipping (NaN or Inf if that step was non-finite).
+    clipped_norm: float32, global norm of the last step's outgoing updates,
+      ``grad_norm * scale``.
+    z_score: float32, ``(grad_norm - mean) / (std + eps)`` of the last step,
+      measured against the statistics before that step; 0 during warm-up.
+    threshold: float32, the global norm above which the last step counted as
+      a spike or was capped by ``max_grad_norm``: ``min(mean + z_thresh *
+      (std + eps), max_grad_norm)`` in mode ``"zscore"`` (``std`` without
+      ``eps`` in mode ``"percentile"``); during warm-up ``max_grad_norm``
+      (``inf`` when it is None).
+    spike_count: int32, cumulative number of steps detected as spikes.
+    nonfinite_count: int32, cumulative number of steps whose global norm was
+      NaN or Inf; they leave ``count``, ``mean`` and ``var`` untouched.
+  """
+
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  grad_norm: jax.Array
+  clipped_norm: jax.Array
+  z_score: jax.Array
+  threshold: jax.Array
+  spike_count: jax.Array
+  nonfinite_count: jax.Array
+
+
+def _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor):
+  _common.check_number("alpha", alpha, lambda v: 0 < v < 1,
+                       "in the open interval (0, 1)")
+  _common.check_number("z_thresh", z_thresh, lambda v: v > 0, "> 0")
+  if max_grad_norm is not None:
+    _common.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
+                         "None or > 0")
+  _common.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
+  _common.check_int("warmup_steps", warmup_steps, 1)
+  _common.check_number("clip_factor", clip_factor, lambda v: v > 0, "> 0")
+
+
+def _zscore(g, mean, std, eps):
+  """``(g - mean) / (std + eps)``, with no NaN when ``std + eps == 0``."""
+  diff = g - mean
+  denom = std + eps
+  ok = denom > 0
+  z = diff / jnp.where(ok, denom, 1.0)
+  # A zero spread makes any excess infinitely unlikely; equality is z = 0.
+  degenerate = jnp.where(diff > 0, jnp.inf, jnp.where(diff < 0, -jnp.inf, 0.0))
+  return jnp.where(ok, z, degenerate)
+
+
+def zclip(
+    alpha: jax.typing.ArrayLike = 0.97,
+    z_thresh: jax.typing.ArrayLike = 2.5,
+    max_grad_norm: jax.typing.ArrayLike | None = 1.0,
+    eps: jax.typing.ArrayLike = 1e-6,
+    warmup_steps: jax.typing.ArrayLike = 25,
+    mode: str = "zscore",
+    clip_option: str = "adaptive_scaling",
+    clip_factor: jax.typing.ArrayLike = 1.0,
+    skip_update_on_spike: bool = False,
+    *,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+  r"""ZClip: clips the global gradient norm when it is a z-score outlier.
+
+  ZClip keeps an exponential moving average (EMA) of the global gradient norm
+  ``g`` and of its variance. After a warm-up of ``warmup_steps`` steps, which
+  seeds the statistics with the arithmetic mean and population variance of the
+  first norms (and meanwhile clips only to ``max_grad_norm``), each step
+  computes ``z = (g - mean) / (std + eps)``. A step with ``z > z_thresh`` is a
+  spike and its norm is clipped to ``c``; with the default
+  ``clip_option="adaptive_scaling"`` (the paper's reciprocal rule)
+
+  .. math::
+    c = \left(\mu + \frac{z_{thres}^2\, \sigma}{z}\right) \cdot
+    \text{clip\_factor},
+
+  so the larger the outlier, the closer to the mean it is pulled. The limit is
+  then capped at ``max_grad_norm`` (when not None) and the updates are
+  multiplied by ``limit / (g + eps)`` if ``g`` exceeds it. The statistics are
+  then updated with ``c`` on a spike (unless ``skip_update_on_spike``) and
+  with ``g`` otherwise: ``mean = alpha * mean + (1 - alpha) * x`` and, with
+  the new mean, ``var = alpha * var + (1 - alpha) * (x - mean) ** 2``.
+
+  The clipping decisions are those of the authors' PyTorch ``ZClip``, step for
+  step, with the same argument names and defaults. Beyond it:
+
+  * The norm is accumulated in float32 whatever the updates' dtype, and the
+    updates keep their dtype.
+  * A NaN or Inf norm leaves ``count``, ``mean`` and ``var`` exactly as they
+    were, increments ``nonfinite_count`` and passes the updates through
+    unchanged, so that `optax.apply_if_finite` can skip the step.
+  * Pure and jit-friendly: no host sync and no Python branch on traced
+    values, so every numeric argument (``warmup_steps`` included) can be
+    injected with `optax.inject_hyperparams`.
+
+  Args:
+    alpha: EMA smoothing factor of the mean and variance, in (0, 1). Larger
+      values remember longer.
+    z_thresh: z-score above which a step is a spike (mode ``"zscore"``), or the
+      number of standard deviations above the mean where clipping starts
+      (mode ``"percentile"``). > 0.
+    max_grad_norm: an absolute cap on the global norm, applied at every step
+      (alone during warm-up), or None for no cap. > 0.
+    eps: added to ``std`` in the z-score and to ``g`` in the clip factor;
+      finite and >= 0.
+    warmup_steps: number of steps with a finite norm that seed the
+      statistics; an integer >= 1.
+    mode: ``"zscore"`` (spike when ``z > z_thresh``, clip by ``clip_option``)
+      or ``"percentile"`` (spike when ``g > mean + z_thresh * std``, clip to
+      that value).
+    clip_option: in mode ``"zscore"``, the clip value on a spike:
+      ``"adaptive_scaling"`` (the reciprocal rule above), ``"mean"`` (clip to
+      the EMA mean) or ``"max"`` (the paper's variant, ``mean + z_thresh *
+      std``). Ignored in mode ``"percentile"``.
+    clip_factor: multiplies the whole ``"adaptive_scaling"`` threshold, mean
+      included (0.5-0.9 clips more aggressively). > 0.
+    skip_update_on_spike: if True, a spike leaves the statistics unchanged
+      instead of feeding them the clip value.
+    axis_name: a mesh axis name (or tuple of names) over which the squared
+      norm is ``psum``-ed before the square root, for use inside
+      `jax.shard_map` or `jax.pmap` when each device holds a slice of the
+      gradients. Leave None for a single device, for replicated gradients and
+      under sharded `jax.jit`, where the norm is already global.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `ZClipState`.
+
+  Raises:
+    ValueError: if a hyperparameter given as a Python number or string is out
+      of its range; the message names the argument.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_zclip
+    >>> tx = optax.chain(optax_zclip.zclip(warmup_steps=2), optax.sgd(1.0))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> for g in [0.3, 0.5, 0.4, 50.0]:
+    ...   updates, state = tx.update({"w": jnp.array([g, 0.0])}, state)
+    >>> s = optax_zclip.stats(state)
+    >>> print(f"{s['grad_norm']:.1f} -> {s['clipped_norm']:.3f}")
+    50.0 -> 0.401
+    >>> print(int(s["spike_count"]))
+    1
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025. Reference code:
+    https://github.com/bluorion-com/ZClip
+  """
+  mode = _common.check_choice("mode", mode, MODES)
+  clip_option = _common.check_choice("clip_option", clip_option, CLIP_OPTIONS)
+  _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor)
+
+  def init_fn(params):
+    del params
+    zero_i = jnp.zeros([], jnp.int32)
+    zero_f = jnp.zeros([], F32)
+    threshold = (jnp.full([], jnp.inf, F32) if max_grad_norm is None
+                 else _common.as_f32(max_grad_norm))
+    return ZClipState(
+        count=zero_i, mean=zero_f, var=zero_f, grad_norm=zero_f,
+        clipped_norm=zero_f, z_score=zero_f, threshold=threshold,
+        spike_count=zero_i, nonfinite_count=zero_i)
+
+  def update_fn(updates, state, params=None):
+    del params
+    a = _common.as_f32(alpha)
+    zt = _common.as_f32(z_thresh)
+    e = _common.as_f32(eps)
+    mean, var = state.mean, state.var
+    std = jnp.sqrt(var)
+
+    g = _common.global_norm(updates, axis_name)
+    finite = jnp.isfinite(g)
+    warm = state.count < warmup_steps
+    z = _zscore(g, mean, std, e)
+
+    if mode == "zscore":
+      bound = mean + zt * (std + e)
+      is_spike = z > zt
+      if clip_option == "adaptive_scaling":
+        # Only read on a spike, where z > z_thresh > 0; the placeholder keeps
+        # the unused branch free of 0/0.
+        safe_z = jnp.where(is_spike, z, 1.0)
+        c = (mean + zt * zt * std / safe_z) * _common.as_f32(clip_factor)
+      elif clip_option == "mean":
+        c = mean
+      else:
+        c = mean + zt * std
+    else:
+      bound = mean + zt * std
+      is_spike = g > bound
+      c = bound
+    is_spike = is_spike & finite & ~warm
+
+    limit = jnp.where(is_spike, c, g)
+    threshold = jnp.where(warm, jnp.inf, bound)
+    if max_grad_norm is not None:
+      cap = _common.as_f32(max_grad_norm)
+      limit = jnp.minimum(limit, cap)
+      threshold = jnp.minimum(threshold, cap)
+    clip = finite & (g > limit)
+    scale = jnp.where(clip, limit / jnp.where(clip, g + e, 1.0), 1.0)
+    updates = _common.scale_tree(updates, scale)
+
+    # Statistics. Warm-up: running (Welford) mean and population variance of
+    # the raw norms, so that after `warmup_steps` norms they equal the
+    # reference's buffer mean/variance. Afterwards: EMA of x, the clip value
+    # on a spike (not capped by max_grad_norm, as in the reference), else g.
+    n = (state.count + 1).astype(F32)
+    delta = g - mean
+    w_mean = mean + delta / n
+    w_var = var + (delta * (g - w_mean) - var) / n
+    x = jnp.where(is_spike, c, g)
+    e_mean = a * mean + (1 - a) * x
+    e_var = a * var + (1 - a) * jnp.square(x - e_mean)
+    keep = ~finite | (is_spike & skip_update_on_spike)
+    new_mean = jnp.where(keep, mean, jnp.where(warm, w_mean, e_mean))
+    new_var = jnp.where(keep, var, jnp.where(warm, w_var, e_var))
+
+    new_state = ZClipState(
+        count=jnp.where(finite, optax.safe_increment(state.count),
+                        state.count),
+        mean=new_mean,
+        var=new_var,
+        grad_norm=g,
+        clipped_norm=g * scale,
+        z_score=jnp.where(warm, 0.0, z).astype(F32),
+        threshold=threshold.astype(F32),
+        spike_count=jnp.where(is_spike,
+                              optax.safe_increment(state.spike_count),
+                              state.spike_count),
+        nonfinite_count=jnp.where(finite, state.nonfinite_count,
+                                  optax.safe_increment(state.nonfinite_count)),
+    )
+    return updates, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
