@@ -1,0 +1,96 @@
+"""An independent float64 NumPy model of ZClip, written from SPEC.md.
+
+It follows the authors' PyTorch class literally (a buffer of warm-up norms,
+Python branches, float64 throughout) rather than the package's branch-free
+Welford form, so that agreement between the two means something.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def tree_norm64(leaves) -> float:
+  """Global L2 norm of the leaves, in float64."""
+  return math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                       for x in leaves))
+
+
+@dataclass
+class ZClipRef:
+  alpha: float = 0.97
+  z_thresh: float = 2.5
+  max_grad_norm: float | None = 1.0
+  eps: float = 1e-6
+  warmup_steps: int = 25
+  mode: str = "zscore"
+  clip_option: str = "adaptive_scaling"
+  clip_factor: float = 1.0
+  skip_update_on_spike: bool = False
+
+  buffer: list = field(default_factory=list)
+  initialized: bool = False
+  mean: float = 0.0
+  var: float = 0.0
+  spikes: int = 0
+  nonfinite: int = 0
+
+  def step(self, g: float) -> dict:
+    """Feeds one global norm; returns the scale applied and the decision."""
+    if not math.isfinite(g):
+      self.nonfinite += 1
+      return dict(scale=1.0, spike=False, warmup=not self.initialized)
+
+    if not self.initialized:
+      self.buffer.append(g)
+      if len(self.buffer) >= self.warmup_steps:
+        n = len(self.buffer)
+        self.mean = sum(self.buffer) / n
+        self.var = sum((b - self.mean) ** 2 for b in self.buffer) / n
+        self.initialized = True
+        self.buffer = []
+      scale = 1.0
+      if self.max_grad_norm is not None:
+        # torch.nn.utils.clip_grad_norm_: coefficient clamped at 1.
+        scale = min(1.0, self.max_grad_norm / (g + self.eps))
+      return dict(scale=scale, spike=False, warmup=True)
+
+    std = math.sqrt(self.var)
+    z = (g - self.mean) / (std + self.eps)
+    clip_val = None
+    if self.mode == "percentile":
+      if g > self.mean + self.z_thresh * std:
+        clip_val = self.mean + self.z_thresh * std
+    elif z > self.z_thresh:
+      if self.clip_option == "adaptive_scaling":
+        eta = z / self.z_thresh
+        clip_val = (self.mean + self.z_thresh * std / eta) * self.clip_factor
+      elif self.clip_option == "mean":
+        clip_val = self.mean
+      else:  # "max", the paper's variant
+        clip_val = self.mean + self.z_thresh * std
+
+    limit = g if clip_val is None else clip_val
+    if self.max_grad_norm is not None:
+      limit = min(limit, self.max_grad_norm)
+    scale = limit / (g + self.eps) if g > limit else 1.0
+
+    spike = clip_val is not None
+    self.spikes += spike
+    if not (spike and self.skip_update_on_spike):
+      x = clip_val if spike else g
+      self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+      self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+    return dict(scale=scale, spike=spike, warmup=False, z=z, limit=limit)
+
+  def running_stats(self) -> tuple[float, float]:
+    """(mean, var) as the package reports them, warm-up included."""
+    if self.initialized:
+      return self.mean, self.var
+    if not self.buffer:
+      return 0.0, 0.0
+    b = np.asarray(self.buffer, np.float64)
+    return float(b.mean()), float(b.var())
