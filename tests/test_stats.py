@@ -1,0 +1,148 @@
+"""`optax_zclip.stats` finds the ZClip state in any optimizer nesting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_zclip
+from test_zclip_parity import SEQ
+from zclip_reference import ZClipRef, tree_norm64
+
+KEYS = {"count", "mean", "var", "std", "grad_norm", "clipped_norm", "z_score",
+        "threshold", "spike_count", "nonfinite_count"}
+
+
+def _check_against_reference(s, ref, grads, scale):
+  """The logged values equal the float64 reference's view of the last step."""
+  assert set(s) == KEYS
+  g = tree_norm64(jax.tree.leaves(grads))
+  mean, var = ref.running_stats()
+  np.testing.assert_allclose(s["grad_norm"], g, rtol=1e-5)
+  np.testing.assert_allclose(s["clipped_norm"], g * scale, rtol=1e-4)
+  np.testing.assert_allclose(s["mean"], mean, rtol=1e-4)
+  np.testing.assert_allclose(s["std"], np.sqrt(var), rtol=1e-3)
+  assert int(s["spike_count"]) == ref.spikes
+  for k, v in s.items():
+    assert v.shape == (), k
+    assert v.dtype == (jnp.int32 if k.endswith("count") else jnp.float32), k
+
+
+def _wrappers():
+  zc = dict(warmup_steps=5, max_grad_norm=2.2)
+  return {
+      "bare": optax_zclip.zclip(**zc),
+      "chain": optax.chain(optax_zclip.zclip(**zc), optax.adamw(1e-3)),
+      "inject": optax.chain(
+          optax.inject_hyperparams(optax_zclip.zclip)(**zc),
+          optax.adamw(1e-3)),
+      "inject_outer": optax.inject_hyperparams(
+          lambda learning_rate: optax.chain(
+              optax_zclip.zclip(**zc), optax.adamw(learning_rate)))(1e-3),
+      "apply_if_finite": optax.apply_if_finite(
+          optax.chain(optax_zclip.zclip(**zc), optax.sgd(0.1)), 3),
+  }
+
+
+@pytest.mark.parametrize("name", list(_wrappers()))
+def test_stats_inside_wrappers_under_jit(name):
+  tx = _wrappers()[name]
+  params = {k: jnp.zeros(v.shape) for k, v in SEQ[0].items()}
+  state = tx.init(params)
+
+  @jax.jit
+  def step(grads, state):
+    _, state = tx.update(grads, state, params)
+    return state, optax_zclip.stats(state)
+
+  ref = ZClipRef(warmup_steps=5, max_grad_norm=2.2)
+  for grads in SEQ[:40]:
+    state, s = step(grads, state)
+    scale = ref.step(tree_norm64(grads.values()))["scale"]
+  assert ref.spikes >= 1
+  _check_against_reference(s, ref, grads, scale)
+
+
+def test_stats_inside_multisteps_sees_the_accumulated_gradient():
+  k = 3
+  tx = optax.MultiSteps(
+      optax.chain(optax_zclip.zclip(warmup_steps=4), optax.sgd(0.1)), k)
+  params = {key: jnp.zeros(v.shape) for key, v in SEQ[0].items()}
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  ref = ZClipRef(warmup_steps=4)
+  for i in range(0, 60, k):
+    micro = SEQ[i: i + k]
+    for grads in micro:
+      _, state = step(grads, state, params)
+    mean_grads = {key: np.mean([m[key] for m in micro], axis=0,
+                               dtype=np.float64) for key in micro[0]}
+    scale = ref.step(tree_norm64(mean_grads.values()))["scale"]
+  s = optax_zclip.stats(state)
+  assert int(s["count"]) == 20  # one statistic per real step, not per micro
+  _check_against_reference(s, ref, mean_grads, scale)
+
+
+class _MLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, rngs=rngs)
+    self.l2 = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.relu(self.l1(x)))
+
+
+def test_stats_of_a_flax_nnx_optimizer():
+  model = _MLP(nnx.Rngs(0))
+  tx = optax.chain(optax_zclip.zclip(warmup_steps=3, max_grad_norm=None),
+                   optax.sgd(1e-2))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+      return jnp.mean((model(x) - y) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, grads, optax_zclip.stats(optimizer)
+
+  rng = np.random.default_rng(0)
+  ref = ZClipRef(warmup_steps=3, max_grad_norm=None)
+  for t in range(12):
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    y = rng.standard_normal((16, 1)).astype(np.float32) * (30 if t == 9 else 1)
+    _, grads, s = train_step(model, optimizer, x, y)
+    leaves = jax.tree.leaves(grads)
+    scale = ref.step(tree_norm64(leaves))["scale"]
+  assert ref.spikes >= 1
+  _check_against_reference(s, ref, leaves, scale)
+  # The same numbers from the optimizer's state as `nnx.state` splits it.
+  outside = optax_zclip.stats(nnx.state(optimizer))
+  for k in KEYS:
+    np.testing.assert_array_equal(outside[k], s[k])
+
+
+def test_several_clipping_states_are_prefixed_by_their_path():
+  tx = optax.multi_transform(
+      {"a": optax_zclip.zclip(warmup_steps=2, max_grad_norm=None),
+       "b": optax_zclip.zclip(warmup_steps=2, max_grad_norm=None)},
+      {"x": "a", "y": "b"})
+  params = {"x": jnp.zeros(2), "y": jnp.zeros(3)}
+  state = tx.init(params)
+  _, state = tx.update({"x": jnp.array([3.0, 4.0]), "y": jnp.ones(3)}, state)
+  s = optax_zclip.stats(state)
+  by_norm = {k.rsplit("/", 1)[0]: float(v) for k, v in s.items()
+             if k.endswith("/grad_norm")}
+  assert len(by_norm) == 2 and len(s) == 2 * len(KEYS)
+  ((pa, na), (pb, nb)) = sorted(by_norm.items())
+  assert "'a'" in pa and "'b'" in pb
+  np.testing.assert_allclose([na, nb], [5.0, np.sqrt(3.0)], rtol=1e-6)
+
+
+def test_no_clipping_state_is_a_clear_error():
+  state = optax.adamw(1e-3).init({"w": jnp.zeros(2)})
+  with pytest.raises(ValueError, match="no clipping state"):
+    optax_zclip.stats(state)
