@@ -9,8 +9,7 @@ import optax
 import pytest
 
 import optax_zclip
-from test_zclip_parity import SEQ
-from zclip_reference import ZClipRef, tree_norm64
+from zclip_reference import SEQ, ZClipRef, tree_norm64
 
 
 ZCLIP_FIELDS = optax_zclip.ZClipState._fields

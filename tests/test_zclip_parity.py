@@ -8,27 +8,7 @@ import numpy as np
 import pytest
 
 import optax_zclip
-from zclip_reference import ZClipRef, tree_norm64
-
-SHAPES = {"w1": (7, 5), "b1": (5,), "w2": (3, 2, 4)}
-SPIKES = {6: 8.0, 31: 12.0, 32: 6.0, 50: 30.0, 66: 4.0, 81: 20.0}
-
-
-def make_sequence(steps=90, seed=0):
-  """Gradient trees whose global norm drifts, with multiplicative spikes."""
-  rng = np.random.default_rng(seed)
-  seq = []
-  for t in range(steps):
-    target = 1.5 + 0.8 * np.sin(t / 9) + 0.5 * np.exp(-t / 20)
-    target *= np.exp(0.08 * rng.standard_normal())
-    target *= SPIKES.get(t, 1.0)
-    tree = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
-    n = tree_norm64(tree.values())
-    seq.append({k: (v * target / n).astype(np.float32) for k, v in tree.items()})
-  return seq
-
-
-SEQ = make_sequence()
+from zclip_reference import SEQ, ZClipRef, tree_norm64
 
 MODES = [("zscore", "adaptive_scaling"), ("zscore", "mean"),
          ("zscore", "max"), ("percentile", "adaptive_scaling")]

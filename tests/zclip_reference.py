@@ -1,4 +1,4 @@
-"""An independent float64 NumPy model of ZClip, written from SPEC.md.
+"""Test data and an independent float64 NumPy model of ZClip (SPEC.md).
 
 It follows the authors' PyTorch class literally (a buffer of warm-up norms,
 Python branches, float64 throughout) rather than the package's branch-free
@@ -13,6 +13,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+SHAPES = {"w1": (7, 5), "b1": (5,), "w2": (3, 2, 4)}
+SPIKES = {6: 8.0, 31: 12.0, 32: 6.0, 50: 30.0, 66: 4.0, 81: 20.0}
+
+
+def make_sequence(steps=90, seed=0, shapes=None):
+  """Gradient trees whose global norm drifts, with multiplicative spikes."""
+  rng = np.random.default_rng(seed)
+  seq = []
+  for t in range(steps):
+    target = 1.5 + 0.8 * np.sin(t / 9) + 0.5 * np.exp(-t / 20)
+    target *= np.exp(0.08 * rng.standard_normal())
+    target *= SPIKES.get(t, 1.0)
+    tree = {k: rng.standard_normal(s) for k, s in (shapes or SHAPES).items()}
+    n = tree_norm64(tree.values())
+    seq.append({k: (v * target / n).astype(np.float32) for k, v in tree.items()})
+  return seq
+
+
 def tree_norm64(leaves) -> float:
   """Global L2 norm of the leaves, in float64."""
   return math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
@@ -21,6 +39,8 @@ def tree_norm64(leaves) -> float:
 
 @dataclass
 class ZClipRef:
+  """The authors' PyTorch ``ZClip`` on a stream of global norms, in float64."""
+
   alpha: float = 0.97
   z_thresh: float = 2.5
   max_grad_norm: float | None = 1.0
@@ -94,3 +114,7 @@ class ZClipRef:
       return 0.0, 0.0
     b = np.asarray(self.buffer, np.float64)
     return float(b.mean()), float(b.var())
+
+
+# The default sequence: warm-up, drift, and six spikes (two back to back).
+SEQ = make_sequence()
