@@ -1,0 +1,192 @@
+"""One clipping decision across 8 devices: sharded jit, shard_map and pmap.
+
+Each multi-device run must equal the single-device run on the same gradients
+(updates and state, relative difference <= 1e-4) and both must make the
+decisions of the float64 reference, through warm-up and spikes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_zclip
+from zclip_reference import ZClipRef, make_sequence, tree_norm64
+
+SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
+# 60 steps: a spike in warm-up (step 6), then spikes at 31, 32 and 50.
+SEQ = make_sequence(steps=60, seed=3, shapes=SHAPES)
+CONFIGS = {
+    "zscore": dict(warmup_steps=10, max_grad_norm=2.2),
+    "percentile": dict(warmup_steps=10, max_grad_norm=None,
+                       mode="percentile", z_thresh=2.0),
+}
+FIELDS = optax_zclip.ZClipState._fields
+
+
+def _mesh(shape, names):
+  return Mesh(np.asarray(jax.devices()).reshape(shape), names)
+
+
+def _to_host(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def single_device_run(cfg):
+  tx = optax_zclip.zclip(**cfg)
+  step = jax.jit(tx.update)
+  state = tx.init(SEQ[0])
+  rows = []
+  for grads in SEQ:
+    out, state = step(grads, state)
+    rows.append(_to_host((out, state)))
+  return rows
+
+
+def assert_same_run(rows, cfg):
+  """`rows` equal the single-device run and the float64 reference."""
+  single = single_device_run(cfg)
+  ref = ZClipRef(**cfg)
+  for t, (grads, (out, state), (out1, state1)) in enumerate(
+      zip(SEQ, rows, single)):
+    scale = ref.step(tree_norm64(grads.values()))["scale"]
+    for k in grads:
+      np.testing.assert_allclose(out[k], out1[k], rtol=1e-4, atol=1e-8,
+                                 err_msg=f"step {t} leaf {k}")
+      np.testing.assert_allclose(out[k], grads[k] * scale, rtol=1e-4,
+                                 atol=1e-8, err_msg=f"step {t} leaf {k}")
+    for f in FIELDS:
+      np.testing.assert_allclose(getattr(state, f), getattr(state1, f),
+                                 rtol=1e-4, atol=1e-7, err_msg=f"step {t} {f}")
+    assert int(state.spike_count) == ref.spikes, t
+  assert ref.spikes >= 2
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_sharded_jit_fsdp_needs_no_axis_name(cfg_name):
+  cfg = CONFIGS[cfg_name]
+  mesh = _mesh((4, 2), ("fsdp", "tp"))
+  specs = {"emb": P("fsdp", "tp"), "w": P("fsdp"), "b": P("tp"),
+           "conv": P()}  # one leaf replicated, the rest sharded
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  tx = optax_zclip.zclip(**cfg)
+  step = jax.jit(tx.update)
+  state = tx.init(SEQ[0])
+  rows = []
+  for grads in SEQ:
+    g = jax.device_put(grads, shardings)
+    out, state = step(g, state)
+    for k in g:
+      # The update keeps the gradients' layout: nothing gathered.
+      assert out[k].sharding.is_equivalent_to(g[k].sharding, g[k].ndim), k
+    for f in FIELDS:
+      s = getattr(state, f).sharding
+      assert s.is_fully_replicated and len(s.device_set) == 8, f
+    rows.append(_to_host((out, state)))
+  assert_same_run(rows, cfg)
+  hlo = step.lower(g, state).compile().as_text()
+  assert "all-reduce" in hlo  # the partial squared sums
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def test_sharded_jit_in_a_chain_keeps_params_and_optimizer_state_sharded():
+  mesh = _mesh((8,), ("fsdp",))
+  specs = {"emb": P("fsdp"), "w": P("fsdp"), "b": P("fsdp"),
+           "conv": P(None, "fsdp")}
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  cfg = CONFIGS["zscore"]
+  tx = optax.chain(optax_zclip.zclip(**cfg), optax.adamw(1e-2))
+  params = jax.device_put({k: jnp.ones(s) for k, s in SHAPES.items()},
+                          shardings)
+  state = jax.jit(tx.init)(params)
+
+  @jax.jit
+  def train_step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  p1 = {k: jnp.ones(s) for k, s in SHAPES.items()}
+  s1 = tx.init(p1)
+  step1 = jax.jit(train_step.__wrapped__)
+  for grads in SEQ:
+    params, state = train_step(params, state, jax.device_put(grads, shardings))
+    p1, s1 = step1(p1, s1, grads)
+  for k in params:
+    assert params[k].sharding.is_equivalent_to(shardings[k], params[k].ndim)
+    np.testing.assert_allclose(params[k], p1[k], rtol=1e-4, atol=1e-6)
+  mu = state[1][0].mu
+  for k in mu:
+    assert mu[k].sharding.is_equivalent_to(shardings[k], mu[k].ndim)
+  a, b = optax_zclip.stats(state), optax_zclip.stats(s1)
+  assert int(a["spike_count"]) == int(b["spike_count"]) >= 2
+  np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-4)
+
+
+SHARD_MAP_CASES = {
+    "1d": (((8,), ("data",)), "data",
+           {"emb": P("data"), "w": P("data"), "b": P("data"),
+            "conv": P(None, "data")}),
+    "2d_tuple_axis": (((4, 2), ("fsdp", "tp")), ("fsdp", "tp"),
+                      {"emb": P("fsdp", "tp"), "w": P(("fsdp", "tp")),
+                       "b": P(("tp", "fsdp")), "conv": P("fsdp", "tp")}),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_MAP_CASES))
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_shard_map_with_sharded_grads_and_axis_name(case, cfg_name):
+  cfg = CONFIGS[cfg_name]
+  (shape, names), axis_name, specs = SHARD_MAP_CASES[case]
+  mesh = _mesh(shape, names)
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  tx = optax_zclip.zclip(**cfg, axis_name=axis_name)
+  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(specs, P()),
+                               out_specs=(specs, P())))
+  state = jax.device_put(tx.init(None), NamedSharding(mesh, P()))
+  rows = []
+  for grads in SEQ:
+    out, state = step(jax.device_put(grads, shardings), state)
+    rows.append(_to_host((out, state)))
+  assert_same_run(rows, cfg)
+
+
+def test_shard_map_without_axis_name_sees_only_the_local_slice():
+  # The failure `axis_name` exists to prevent: each device clips its own
+  # slice by its own norm, and the decisions differ from one device.
+  mesh = _mesh((8,), ("data",))
+  specs = {k: P("data") for k in ("emb", "w", "b")}
+  grads = {k: SEQ[40][k] for k in specs}
+  cap = tree_norm64(grads.values()) / 10
+  tx = optax_zclip.zclip(warmup_steps=1, max_grad_norm=cap)
+  step = jax.jit(jax.shard_map(
+      tx.update, mesh=mesh, in_specs=(specs, P()),
+      out_specs=(specs, P()), check_vma=False))
+  out, _ = step(jax.device_put(
+      grads, {k: NamedSharding(mesh, s) for k, s in specs.items()}),
+      tx.init(None))
+  clipped = tree_norm64([np.asarray(v) for v in out.values()])
+  # Not `cap`: each of the 8 slices was scaled to norm `cap` on its own.
+  np.testing.assert_allclose(clipped, np.sqrt(8) * cap, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_pmap_with_sharded_grads_and_axis_name(cfg_name):
+  cfg = CONFIGS[cfg_name]
+  tx = optax_zclip.zclip(**cfg, axis_name="devices")
+  step = jax.pmap(tx.update, axis_name="devices", in_axes=(0, None))
+  state = tx.init(None)
+  rows = []
+  for grads in SEQ:
+    sliced = {k: v.reshape(8, -1) for k, v in grads.items()}
+    out, states = step(sliced, state)
+    states = _to_host(states)
+    for f in FIELDS:
+      per_device = getattr(states, f)
+      assert (per_device == per_device[0]).all(), f  # one decision
+    state = jax.tree.map(lambda x: x[0], states)
+    out = {k: np.asarray(v).reshape(grads[k].shape) for k, v in out.items()}
+    rows.append((out, state))
+  assert_same_run(rows, cfg)
