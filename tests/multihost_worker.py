@@ -1,0 +1,78 @@
+"""One of two JAX processes ("hosts") for `test_multihost.py`.
+
+  python multihost_worker.py PROCESS_ID PORT OUT_DIR
+
+Each process has 4 CPU devices (``XLA_FLAGS`` from the parent); together they
+form one 8-device mesh over which the test gradients are sharded. The process
+runs ZClip under sharded `jax.jit` and under `jax.shard_map` with
+``axis_name``, and writes what it saw (the replicated state and the gathered
+updates, every step) to ``OUT_DIR/process_<id>.npz``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_zclip
+from zclip_reference import make_sequence
+
+SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
+SEQ = make_sequence(steps=55, seed=5, shapes=SHAPES)  # spikes at 6, 31, 50
+CFG = dict(warmup_steps=10, max_grad_norm=2.2)
+SPECS = {"emb": P("data"), "w": P("data"), "b": P("data"),
+         "conv": P(None, "data")}
+
+
+def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  # Every process holds the whole host array and contributes its own slices.
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def main(process_id: int, port: int, out_dir: pathlib.Path) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+      process_id=process_id, initialization_timeout=120)
+  assert jax.process_count() == 2 and jax.device_count() == 8
+  assert jax.local_device_count() == 4
+
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  replicated = NamedSharding(mesh, P())
+
+  runs = {
+      "jit": (optax_zclip.zclip(**CFG), lambda tx: jax.jit(tx.update)),
+      "shard_map": (
+          optax_zclip.zclip(**CFG, axis_name="data"),
+          lambda tx: jax.jit(jax.shard_map(
+              tx.update, mesh=mesh, in_specs=(SPECS, P()),
+              out_specs=(SPECS, P())))),
+  }
+  record = {}
+  for name, (tx, make_step) in runs.items():
+    step = make_step(tx)
+    state = jax.tree.map(lambda x: _global(x, replicated), tx.init(None))
+    for t, grads in enumerate(SEQ):
+      g = {k: _global(v, shardings[k]) for k, v in grads.items()}
+      out, state = step(g, state)
+      full = multihost_utils.process_allgather(out, tiled=True)
+      for k, v in full.items():
+        record[f"{name}/out/{t}/{k}"] = np.asarray(v)
+      for f in optax_zclip.ZClipState._fields:
+        # Replicated: this process's first shard is the whole value.
+        record[f"{name}/state/{t}/{f}"] = np.asarray(
+            getattr(state, f).addressable_data(0))
+  np.savez(out_dir / f"process_{process_id}.npz", **record)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3]))
