@@ -154,8 +154,10 @@ def zclip(
     axis_name: a mesh axis name (or tuple of names) over which the squared
       norm is ``psum``-ed before the square root, for use inside
       `jax.shard_map` or `jax.pmap` when each device holds a slice of the
-      gradients. Leave None for a single device, for replicated gradients and
-      under sharded `jax.jit`, where the norm is already global.
+      gradients; every leaf must then be split over those axes (a
+      replicated leaf would be counted once per device). Leave None on one
+      device, for replicated gradients (data parallelism after a ``pmean``),
+      and under sharded `jax.jit`, where the norm is already global.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ZClipState`.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_zclip
@@ -27,8 +27,9 @@ CONFIGS = {
 FIELDS = optax_zclip.ZClipState._fields
 
 
-def _mesh(shape, names):
-  return Mesh(np.asarray(jax.devices()).reshape(shape), names)
+def _mesh(shape, names, axis_type=AxisType.Auto):
+  return Mesh(np.asarray(jax.devices()).reshape(shape), names,
+              axis_types=(axis_type,) * len(names))
 
 
 def _to_host(tree):
@@ -65,10 +66,20 @@ def assert_same_run(rows, cfg):
   assert ref.spikes >= 2
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit],
+                         ids=["auto", "explicit"])
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
-def test_sharded_jit_fsdp_needs_no_axis_name(cfg_name):
+def test_sharded_jit_fsdp_needs_no_axis_name(cfg_name, axis_type):
   cfg = CONFIGS[cfg_name]
-  mesh = _mesh((4, 2), ("fsdp", "tp"))
+  mesh = _mesh((4, 2), ("fsdp", "tp"), axis_type)
+  with jax.set_mesh(mesh):
+    rows, hlo = _sharded_jit_run(cfg, mesh)
+  assert_same_run(rows, cfg)
+  assert "all-reduce" in hlo  # the partial squared sums
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def _sharded_jit_run(cfg, mesh):
   specs = {"emb": P("fsdp", "tp"), "w": P("fsdp"), "b": P("tp"),
            "conv": P()}  # one leaf replicated, the rest sharded
   shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
@@ -86,10 +97,7 @@ def test_sharded_jit_fsdp_needs_no_axis_name(cfg_name):
       s = getattr(state, f).sharding
       assert s.is_fully_replicated and len(s.device_set) == 8, f
     rows.append(_to_host((out, state)))
-  assert_same_run(rows, cfg)
-  hlo = step.lower(g, state).compile().as_text()
-  assert "all-reduce" in hlo  # the partial squared sums
-  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  return rows, step.lower(g, state).compile().as_text()
 
 
 def test_sharded_jit_in_a_chain_keeps_params_and_optimizer_state_sharded():
