@@ -2,12 +2,29 @@
 
 ``optax.chain(optax_zclip.zclip(), optax.adamw(lr))`` clips loss-spike
 gradients with ZClip (Kumar et al., arXiv 2504.02507), making the same
-decisions as the authors' PyTorch code.
+decisions as the authors' PyTorch code. `adagc` (per-tensor, Wang et al.,
+arXiv 2502.11034) and `autoclip` (percentile, Seetharaman et al., arXiv
+2007.14469) are the alternatives, and `spike_score` / `count_spikes` measure
+the loss spikes they are meant to prevent.
 """
 
+from optax_zclip._adagc import AdaGCState, adagc
+from optax_zclip._autoclip import AutoClipState, autoclip
+from optax_zclip._metrics import count_spikes, spike_mask, spike_score
 from optax_zclip._stats import stats
 from optax_zclip._zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
 
-__all__ = ["ZClipState", "stats", "zclip"]
+__all__ = [
+    "AdaGCState",
+    "AutoClipState",
+    "ZClipState",
+    "adagc",
+    "autoclip",
+    "count_spikes",
+    "spike_mask",
+    "spike_score",
+    "stats",
+    "zclip",
+]

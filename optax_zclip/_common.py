@@ -51,17 +51,15 @@ def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
   return jnp.sqrt(_psum(sq, axis_name))
 
 
-def leaf_norms(tree: Any, axis_name: AxisName = None) -> Any:
-  """Float32 L2 norm of each leaf of ``tree``, as a tree of scalars.
+def leaf_sq_sums(leaves: Sequence[jax.Array],
+                 axis_name: AxisName = None) -> jax.Array:
+  """Float32 squared L2 norm of each array in ``leaves``, as one vector.
 
-  With ``axis_name`` all per-leaf squared sums travel in a single ``psum``.
+  With ``axis_name`` all the per-leaf sums travel in a single ``psum``.
   """
-  leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
-    return tree
-  sq = jnp.stack([_leaf_sq_sum(x) for x in leaves])
-  norms = jnp.sqrt(_psum(sq, axis_name))
-  return jax.tree.unflatten(treedef, list(norms))
+    return jnp.zeros([0], F32)
+  return _psum(jnp.stack([_leaf_sq_sum(x) for x in leaves]), axis_name)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:

@@ -8,19 +8,30 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_zclip._adagc import AdaGCState
+from optax_zclip._autoclip import AutoClipState
 from optax_zclip._zclip import ZClipState
 
 
-def _zclip_telemetry(s: ZClipState) -> dict[str, jax.Array]:
-  out = dict(s._asdict())
-  out["std"] = jnp.sqrt(s.var)
+def _scalars(*fields: str) -> Callable[[Mapping], dict[str, jax.Array]]:
+  return lambda state: {k: _unwrap(state[k]) for k in fields}
+
+
+def _zclip_telemetry(state: Mapping) -> dict[str, jax.Array]:
+  out = _scalars(*ZClipState._fields)(state)
+  out["std"] = jnp.sqrt(out["var"])
   return out
 
 
-# State class -> function from a state (with plain array fields) to its
-# telemetry. Each transform with a state registers here.
-_TELEMETRY: dict[type[NamedTuple], Callable[[Any], dict[str, jax.Array]]] = {
+# State class -> function from its fields (a mapping) to its telemetry: the
+# scalar fields, ready to log, plus derived values. Per-tensor and buffer
+# fields (AdaGC's gamma, AutoClip's history) are left out.
+_TELEMETRY: dict[type[NamedTuple], Callable[[Mapping], dict[str, jax.Array]]] = {
     ZClipState: _zclip_telemetry,
+    AdaGCState: _scalars("count", "grad_norm", "clipped_norm", "num_clipped",
+                         "nonfinite_count"),
+    AutoClipState: _scalars("count", "grad_norm", "clipped_norm", "threshold",
+                            "nonfinite_count"),
 }
 
 
@@ -50,13 +61,16 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   Searches any nesting of optimizer states, such as `optax.chain`,
   `optax.inject_hyperparams`, `optax.MultiSteps`, a Flax ``nnx.Optimizer``
   (pass the optimizer, its ``opt_state``, or ``nnx.state(optimizer)``), for
-  the state of `optax_zclip.zclip` and returns its fields as float32 / int32
-  scalars, ready to log. Pure, so it can run inside `jax.jit` and return the
-  values with the rest of a train step's metrics.
+  the states of `zclip`, `adagc` and `autoclip`, and returns their scalar
+  fields as float32 / int32 scalars, ready to log. Pure, so it can run inside
+  `jax.jit` and return the values with the rest of a train step's metrics.
 
-  For a `ZClipState` the keys are its fields (``count``, ``mean``, ``var``,
-  ``grad_norm``, ``clipped_norm``, ``z_score``, ``threshold``,
-  ``spike_count``, ``nonfinite_count``) plus ``std = sqrt(var)``.
+  The keys are, for a `ZClipState`, its fields (``count``, ``mean``,
+  ``var``, ``grad_norm``, ``clipped_norm``, ``z_score``, ``threshold``,
+  ``spike_count``, ``nonfinite_count``) plus ``std = sqrt(var)``; for an
+  `AdaGCState` ``count``, ``grad_norm``, ``clipped_norm``, ``num_clipped``
+  and ``nonfinite_count``; for an `AutoClipState` ``count``, ``grad_norm``,
+  ``clipped_norm``, ``threshold`` and ``nonfinite_count``.
 
   If the state holds several clipping states (say, one per parameter group
   with `optax.partition`), each key is prefixed by the state's path in the
@@ -82,7 +96,9 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
 
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-    <https://arxiv.org/abs/2504.02507>`_, 2025.
+    <https://arxiv.org/abs/2504.02507>`_, 2025; Wang et al., `AdaGC
+    <https://arxiv.org/abs/2502.11034>`_, 2025; Seetharaman et al.,
+    `AutoClip <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
   found = [
       (path, node) for path, node in jax.tree_util.tree_flatten_with_path(
@@ -98,8 +114,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   for path, node in found:
     cls = _state_class(node)
     fields = node if isinstance(node, Mapping) else node._asdict()
-    state = cls(**{k: _unwrap(fields[k]) for k in cls._fields})
     prefix = "" if len(found) == 1 else jax.tree_util.keystr(path) + "/"
     result.update(
-        {prefix + k: v for k, v in _TELEMETRY[cls](state).items()})
+        {prefix + k: v for k, v in _TELEMETRY[cls](fields).items()})
   return result

@@ -17,7 +17,7 @@ import pytest
 
 import optax_zclip
 from multihost_worker import CFG, SEQ
-from zclip_reference import ZClipRef, tree_norm64
+from references import ZClipRef, tree_norm64
 
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT_S = 300

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import optax_zclip
-from zclip_reference import SEQ, ZClipRef, tree_norm64
+from references import SEQ, ZClipRef, tree_norm64
 
 KEYS = {"count", "mean", "var", "std", "grad_norm", "clipped_norm", "z_score",
         "threshold", "spike_count", "nonfinite_count"}

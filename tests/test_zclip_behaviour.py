@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_zclip
-from zclip_reference import SEQ, ZClipRef, tree_norm64
+from references import SEQ, ZClipRef, tree_norm64
 
 
 ZCLIP_FIELDS = optax_zclip.ZClipState._fields

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import optax_zclip
-from zclip_reference import SEQ, ZClipRef, tree_norm64
+from references import SEQ, ZClipRef, tree_norm64
 
 MODES = [("zscore", "adaptive_scaling"), ("zscore", "mean"),
          ("zscore", "max"), ("percentile", "adaptive_scaling")]

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_zclip
-from zclip_reference import ZClipRef, make_sequence, tree_norm64
+from references import ZClipRef, make_sequence, tree_norm64
 
 SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 # 60 steps: a spike in warm-up (step 6), then spikes at 31, 32 and 50.

@@ -1,8 +1,10 @@
-"""Test data and an independent float64 NumPy model of ZClip (SPEC.md).
+"""Test data and independent float64 NumPy models of the transforms (SPEC.md).
 
-It follows the authors' PyTorch class literally (a buffer of warm-up norms,
-Python branches, float64 throughout) rather than the package's branch-free
-Welford form, so that agreement between the two means something.
+The models follow the papers' and the reference code's procedures literally
+(ZClip's buffer of warm-up norms, per-tensor Python loops for AdaGC, a list
+of every norm and `np.percentile` for AutoClip), with Python branches and
+float64 throughout, rather than the package's branch-free vectorised forms,
+so that agreement between the two means something.
 """
 
 from __future__ import annotations
@@ -114,6 +116,80 @@ class ZClipRef:
       return 0.0, 0.0
     b = np.asarray(self.buffer, np.float64)
     return float(b.mean()), float(b.var())
+
+
+
+def leaf_norm64(x) -> float:
+  return math.sqrt(float(np.sum(np.square(np.asarray(x, np.float64)))))
+
+
+@dataclass
+class AdaGCRef:
+  """AdaGC (arXiv 2502.11034) tensor by tensor, in float64, per SPEC.md."""
+
+  lambda_rel: float = 1.05
+  beta: float = 0.98
+  warmup_steps: int = 100
+  max_grad_norm: float | None = 1.0
+  eps: float = 1e-6
+
+  gamma: list | None = None
+  t: int = 0
+  nonfinite: int = 0
+
+  def step(self, leaves) -> list:
+    """Feeds one step's tensors; returns the factor applied to each."""
+    norms = [leaf_norm64(x) for x in leaves]
+    big = math.sqrt(sum(n * n for n in norms))
+    if self.gamma is None:
+      self.gamma = [math.inf] * len(norms)
+    warm = self.t < self.warmup_steps
+    self.t += 1
+    if not math.isfinite(big):
+      self.nonfinite += 1
+    if warm:
+      if not math.isfinite(big):
+        return [1.0] * len(norms)
+      f = 1.0
+      if self.max_grad_norm is not None:
+        f = min(1.0, self.max_grad_norm / (big + self.eps))
+      for i, n in enumerate(norms):
+        if n > 0:  # the running minimum of the clipped norm
+          self.gamma[i] = min(self.gamma[i], f * n)
+      return [f] * len(norms)
+    scales = []
+    for i, n in enumerate(norms):
+      if not math.isfinite(n) or n == 0:
+        scales.append(1.0)  # not an observation
+      elif math.isinf(self.gamma[i]):
+        self.gamma[i] = n  # first finite sight of this tensor
+        scales.append(1.0)
+      else:
+        h = min(1.0, self.lambda_rel * self.gamma[i] / (n + self.eps))
+        self.gamma[i] = self.beta * self.gamma[i] + (1 - self.beta) * h * n
+        scales.append(h)
+    return scales
+
+
+@dataclass
+class AutoClipRef:
+  """AutoClip (arXiv 2007.14469): every finite norm kept in a list."""
+
+  percentile: float = 10.0
+  window: int = 1024
+  norms: list = field(default_factory=list)
+  nonfinite: int = 0
+
+  def step(self, g: float) -> tuple[float, float]:
+    """Feeds one global norm; returns (scale, threshold)."""
+    if not math.isfinite(g):
+      self.nonfinite += 1
+      thr = (float(np.percentile(self.norms[-self.window:], self.percentile))
+             if self.norms else math.inf)
+      return 1.0, thr
+    self.norms.append(g)
+    thr = float(np.percentile(self.norms[-self.window:], self.percentile))
+    return (thr / g if g > thr else 1.0), thr
 
 
 # The default sequence: warm-up, drift, and six spikes (two back to back).

@@ -1,0 +1,191 @@
+"""AdaGC: per-tensor adaptive clipping against an EMA of clipped norms."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_zclip import _common
+from optax_zclip._common import F32, AxisName
+
+
+class AdaGCState(NamedTuple):
+  """State of `adagc`: one reference norm per tensor, plus telemetry.
+
+  Attributes:
+    count: int32 scalar, number of steps taken. Warm-up lasts while
+      ``count < warmup_steps``.
+    gamma: a pytree with the structure of the updates whose leaves are
+      float32 scalars: each tensor's reference norm (the running minimum of
+      its clipped norm during warm-up, then an EMA of it). ``inf`` until the
+      tensor has had a finite, non-zero norm.
+    grad_norm: float32 scalar, global L2 norm of the last step's incoming
+      updates (NaN or Inf if that step was non-finite).
+    clipped_norm: float32 scalar, global norm of the last step's outgoing
+      updates.
+    num_clipped: int32 scalar, number of tensors scaled down in the last
+      step.
+    nonfinite_count: int32 scalar, cumulative number of steps whose global
+      norm was NaN or Inf.
+  """
+
+  count: jax.Array
+  gamma: Any
+  grad_norm: jax.Array
+  clipped_norm: jax.Array
+  num_clipped: jax.Array
+  nonfinite_count: jax.Array
+
+
+def adagc(
+    lambda_rel: jax.typing.ArrayLike = 1.05,
+    beta: jax.typing.ArrayLike = 0.98,
+    warmup_steps: jax.typing.ArrayLike = 100,
+    max_grad_norm: jax.typing.ArrayLike | None = 1.0,
+    eps: jax.typing.ArrayLike = 1e-6,
+    *,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+  r"""AdaGC: clips each tensor against its own EMA of past clipped norms.
+
+  Where ZClip watches one global norm, AdaGC keeps a reference norm
+  ``gamma_i`` per tensor (leaf) and clips each tensor separately, so a spike
+  confined to one layer is caught even when the global norm barely moves.
+
+  During the first ``warmup_steps`` steps the whole update is clipped to the
+  global norm ``max_grad_norm`` (factor ``min(1, max_grad_norm / (G +
+  eps))``) and ``gamma_i`` is the running minimum of tensor i's clipped
+  norm. Afterwards, with ``n_i`` the tensor's norm,
+
+  .. math::
+    h_i = \min\left(1, \lambda_{rel} \frac{\gamma_i}{n_i + \epsilon}\right),
+    \qquad g_i \leftarrow h_i\, g_i, \qquad
+    \gamma_i \leftarrow \beta \gamma_i + (1 - \beta)\, h_i n_i .
+
+  Beyond the paper:
+
+  * Norms are accumulated in float32 whatever the updates' dtype; the
+    updates keep their dtype; ``gamma`` is float32.
+  * A tensor whose norm is NaN or Inf passes through unscaled and keeps its
+    ``gamma_i``. A step whose global norm is non-finite during warm-up
+    (when the clip factor is undefined) passes through and changes no
+    ``gamma``; ``nonfinite_count`` counts such steps, so that
+    `optax.apply_if_finite` can skip them.
+  * A tensor whose norm is exactly 0 (frozen, or masked) is not an
+    observation: its ``gamma_i`` stays as it is, rather than collapsing to
+    0 and zeroing that tensor for the rest of training.
+  * ``gamma_i`` starts at ``inf``; a tensor first seen with a finite norm
+    after warm-up seeds its ``gamma_i`` with that norm, unclipped.
+
+  Args:
+    lambda_rel: relative clipping threshold: a tensor is clipped when its
+      norm exceeds ``lambda_rel * gamma_i``. > 0.
+    beta: EMA smoothing of ``gamma``, in (0, 1).
+    warmup_steps: steps of global-norm clipping that seed ``gamma``; an
+      integer >= 1.
+    max_grad_norm: the global norm cap during warm-up (the paper's
+      ``lambda_abs``); None for no cap. > 0.
+    eps: added to the norms in the denominators; finite and >= 0.
+    axis_name: a mesh axis name (or tuple of names) over which the per-tensor
+      squared norms are ``psum``-ed (in one collective), inside
+      `jax.shard_map` or `jax.pmap` when each device holds a slice of every
+      tensor. Leave None on one device, for replicated gradients and under
+      sharded `jax.jit`.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is an `AdaGCState`.
+
+  Raises:
+    ValueError: if a hyperparameter given as a Python number is out of its
+      range; the message names the argument.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_zclip
+    >>> tx = optax_zclip.adagc(warmup_steps=2, max_grad_norm=None)
+    >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
+    >>> for b in [1.0, 1.0, 1.0, 10.0]:  # a spike in tensor "b" only
+    ...   out, state = tx.update({"a": jnp.ones(1), "b": jnp.array([b])},
+    ...                          state)
+    >>> print(float(out["a"][0]), round(float(out["b"][0]), 3))
+    1.0 1.05
+    >>> print(int(state.num_clipped))
+    1
+
+  References:
+    Wang et al., `AdaGC: Improving Training Stability for Large Language
+    Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+  """
+  _common.check_number("lambda_rel", lambda_rel, lambda v: v > 0, "> 0")
+  _common.check_number("beta", beta, lambda v: 0 < v < 1,
+                       "in the open interval (0, 1)")
+  _common.check_int("warmup_steps", warmup_steps, 1)
+  if max_grad_norm is not None:
+    _common.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
+                         "None or > 0")
+  _common.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
+
+  def init_fn(params):
+    zero_i = jnp.zeros([], jnp.int32)
+    zero_f = jnp.zeros([], F32)
+    return AdaGCState(
+        count=zero_i,
+        gamma=jax.tree.map(lambda _: jnp.full([], jnp.inf, F32), params),
+        grad_norm=zero_f, clipped_norm=zero_f, num_clipped=zero_i,
+        nonfinite_count=zero_i)
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    gammas = treedef.flatten_up_to(state.gamma)
+    gamma = (jnp.stack(gammas).astype(F32) if gammas
+             else jnp.zeros([0], F32))
+    lam = _common.as_f32(lambda_rel)
+    b = _common.as_f32(beta)
+    e = _common.as_f32(eps)
+
+    sq = _common.leaf_sq_sums(leaves, axis_name)
+    norms = jnp.sqrt(sq)
+    g = jnp.sqrt(jnp.sum(sq))
+    finite_g = jnp.isfinite(g)
+    observed = jnp.isfinite(norms) & (norms > 0)
+    warm = state.count < warmup_steps
+
+    # Warm-up: one global factor; gamma is the running min of clipped norms.
+    f = jnp.ones([], F32)
+    if max_grad_norm is not None:
+      # cap / 0 = inf, so a zero norm gives min(1, inf) = 1, not NaN.
+      f = jnp.minimum(1.0, _common.as_f32(max_grad_norm) / (g + e))
+      f = jnp.where(finite_g, f, 1.0)
+    warm_gamma = jnp.where(observed & finite_g,
+                           jnp.minimum(gamma, f * norms), gamma)
+
+    # After warm-up: per-tensor factor against gamma, then gamma's EMA.
+    seeded = jnp.isfinite(gamma)
+    act = observed & seeded
+    ratio = lam * gamma / jnp.where(act, norms + e, 1.0)
+    h = jnp.where(act, jnp.minimum(1.0, ratio), 1.0)
+    ema_gamma = jnp.where(
+        observed, jnp.where(seeded, b * gamma + (1 - b) * h * norms, norms),
+        gamma)
+
+    scales = jnp.where(warm, f, h)
+    new_gamma = jnp.where(warm, warm_gamma, ema_gamma)
+    out = treedef.unflatten(
+        [_common.scale_leaf(x, s) for x, s in zip(leaves, scales)])
+    new_state = AdaGCState(
+        count=optax.safe_increment(state.count),
+        gamma=treedef.unflatten(list(new_gamma)),
+        grad_norm=g,
+        clipped_norm=jnp.sqrt(jnp.sum(sq * jnp.square(scales))),
+        num_clipped=jnp.sum((scales < 1) & (norms > 0)).astype(jnp.int32),
+        nonfinite_count=jnp.where(
+            finite_g, state.nonfinite_count,
+            optax.safe_increment(state.nonfinite_count)),
+    )
+    return out, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
