@@ -34,6 +34,8 @@ _TELEMETRY: dict[type[NamedTuple], Callable[[Mapping], dict[str, jax.Array]]] = 
                             "nonfinite_count"),
 }
 
+_NAMES = {ZClipState: "zclip", AdaGCState: "adagc", AutoClipState: "autoclip"}
+
 
 def _state_class(node: Any) -> type[NamedTuple] | None:
   for cls in _TELEMETRY:
@@ -72,9 +74,13 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   and ``nonfinite_count``; for an `AutoClipState` ``count``, ``grad_norm``,
   ``clipped_norm``, ``threshold`` and ``nonfinite_count``.
 
-  If the state holds several clipping states (say, one per parameter group
-  with `optax.partition`), each key is prefixed by the state's path in the
-  tree, as `jax.tree_util.keystr` writes it, and a slash.
+  If the state holds several clipping states, each key is prefixed with the
+  transform's name and a slash (``"zclip/grad_norm"``, ``"adagc/..."``,
+  ``"autoclip/..."``); when one kind occurs more than once (say, one ZClip
+  per parameter group with `optax.partition`), the name is followed by the
+  state's path in brackets, ``"zclip[inner_states.a.inner_state]/..."``.
+  The keys are the same whether ``opt_state`` is an ``nnx.Optimizer`` or
+  ``nnx.state`` of it.
 
   Args:
     opt_state: an optimizer state, or any pytree containing one.
@@ -114,7 +120,15 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   for path, node in found:
     cls = _state_class(node)
     fields = node if isinstance(node, Mapping) else node._asdict()
-    prefix = "" if len(found) == 1 else jax.tree_util.keystr(path) + "/"
+    prefix = ""
+    if len(found) > 1:
+      prefix = _NAMES[cls]
+      if sum(_state_class(n) is cls for _, n in found) > 1:
+        # `simple` renders attribute, dict and sequence keys alike, so the
+        # name does not depend on how an nnx.Optimizer was passed in.
+        prefix += "[" + jax.tree_util.keystr(path, simple=True,
+                                             separator=".") + "]"
+      prefix += "/"
     result.update(
         {prefix + k: v for k, v in _TELEMETRY[cls](fields).items()})
   return result

@@ -133,15 +133,56 @@ def test_several_clipping_states_are_prefixed_by_their_path():
   state = tx.init(params)
   _, state = tx.update({"x": jnp.array([3.0, 4.0]), "y": jnp.ones(3)}, state)
   s = optax_zclip.stats(state)
-  by_norm = {k.rsplit("/", 1)[0]: float(v) for k, v in s.items()
-             if k.endswith("/grad_norm")}
-  assert len(by_norm) == 2 and len(s) == 2 * len(KEYS)
-  ((pa, na), (pb, nb)) = sorted(by_norm.items())
-  assert "'a'" in pa and "'b'" in pb
-  np.testing.assert_allclose([na, nb], [5.0, np.sqrt(3.0)], rtol=1e-6)
+  assert len(s) == 2 * len(KEYS)
+  np.testing.assert_allclose(
+      [s["zclip[inner_states.a.inner_state]/grad_norm"],
+       s["zclip[inner_states.b.inner_state]/grad_norm"]],
+      [5.0, np.sqrt(3.0)], rtol=1e-6)
 
 
 def test_no_clipping_state_is_a_clear_error():
   state = optax.adamw(1e-3).init({"w": jnp.zeros(2)})
   with pytest.raises(ValueError, match="no clipping state"):
     optax_zclip.stats(state)
+
+
+def test_stats_of_adagc_and_autoclip_in_an_nnx_optimizer():
+  model = _MLP(nnx.Rngs(1))
+  tx = optax.chain(optax_zclip.adagc(warmup_steps=3),
+                   optax_zclip.autoclip(percentile=50.0, window=4),
+                   optax.sgd(1e-2))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return grads, optax_zclip.stats(optimizer)
+
+  rng = np.random.default_rng(0)
+  for _ in range(6):
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    grads, s = train_step(model, optimizer, x, np.zeros((16, 1), np.float32))
+  adagc_keys = {"count", "grad_norm", "clipped_norm", "num_clipped",
+                "nonfinite_count"}
+  autoclip_keys = {"count", "grad_norm", "clipped_norm", "threshold",
+                   "nonfinite_count"}
+  assert set(s) == ({"adagc/" + k for k in adagc_keys}
+                    | {"autoclip/" + k for k in autoclip_keys})
+  g = tree_norm64(jax.tree.leaves(grads))
+  np.testing.assert_allclose(s["adagc/grad_norm"], g, rtol=1e-5)
+  # AutoClip sees what AdaGC let through.
+  np.testing.assert_allclose(s["autoclip/grad_norm"],
+                             s["adagc/clipped_norm"], rtol=1e-5)
+  assert int(s["adagc/count"]) == 6
+  outside = optax_zclip.stats(nnx.state(optimizer))
+  assert set(outside) == set(s)
+
+
+def test_repeated_kind_keys_do_not_depend_on_how_nnx_state_is_passed():
+  model = _MLP(nnx.Rngs(2))
+  tx = optax.chain(optax_zclip.zclip(), optax_zclip.zclip(), optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  a, b = optax_zclip.stats(optimizer), optax_zclip.stats(nnx.state(optimizer))
+  assert set(a) == set(b) and len(a) == 2 * len(KEYS)
+  assert "zclip[opt_state.0]/grad_norm" in a, sorted(a)
