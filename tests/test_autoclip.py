@@ -72,7 +72,7 @@ def test_first_step_nan_zero_and_empty():
   state = tx.init(None)
   out, state = tx.update(jnp.array([np.nan]), state)
   assert float(state.threshold) == np.inf and int(state.count) == 0
-  for tree in (jnp.zeros(3), {}, None):
+  for tree in (jnp.zeros(3), {}, None, {"masked": None, "b": jnp.zeros(2)}):
     s = tx.init(tree)
     for _ in range(3):
       o, s = jax.jit(tx.update)(tree, s)
