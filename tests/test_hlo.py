@@ -1,0 +1,77 @@
+"""The clipping fuses into AdamW's own pass: checked on the compiled HLO.
+
+Each transform's only per-element work should be one read of the gradients
+(the norms) and a multiply by a scalar folded into the optimizer's fusions:
+no extra gradient-sized buffer, no per-element divide or select. The count
+of such operations in the compiled step is compared with bare AdamW's.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_zclip
+
+SHAPES = {"a": (96, 160), "b": (224,), "c": (3, 40, 72)}
+
+
+def _compiled_text(tx):
+  params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile().as_text()
+
+
+def _counts(text):
+  out = {}
+  entry = text[text.index("\nENTRY"):]
+  for s in SHAPES.values():
+    ty = re.escape("f32[" + ",".join(map(str, s)) + "]")
+    out[s] = {
+        # Gradient-sized buffers the step materialises.
+        "buffers": len(re.findall(rf"= {ty}\S* fusion\(", entry)),
+        "divide": len(re.findall(rf"= {ty}\S* divide\(", text)),
+        "select": len(re.findall(rf"= (?:{ty}|pred\[[\d,]+\])\S* select\(",
+                                 text)),
+        "multiply": len(re.findall(rf"= {ty}\S* multiply\(", text)),
+    }
+  return out
+
+
+BARE = _counts(_compiled_text(optax.adamw(1e-3)))
+
+
+@pytest.mark.parametrize("make", [
+    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
+    lambda: optax_zclip.zclip(max_grad_norm=None, clip_option="mean")],
+                         ids=["zclip", "adagc", "autoclip", "zclip_mean"])
+def test_scaling_fuses_into_adamw(make):
+  got = _counts(_compiled_text(optax.chain(make(), optax.adamw(1e-3))))
+  for shape, bare in BARE.items():
+    c = got[shape]
+    # XLA:CPU may square a tiny leaf into a buffer of its own before the
+    # reduction; for real-sized leaves the square fuses into the reduce.
+    if np.prod(shape) >= 8192:
+      assert c["buffers"] == bare["buffers"], (shape, c, bare)
+    assert c["divide"] == bare["divide"], (shape, c, bare)
+    assert c["select"] == bare["select"], (shape, c, bare)
+    assert c["multiply"] > bare["multiply"], (shape, c, bare)  # the scale
+
+
+def test_the_check_sees_an_unfused_clip():
+  # optax.clip_by_global_norm selects and divides per element and
+  # materialises the clipped gradient: the counts above must notice.
+  got = _counts(_compiled_text(optax.chain(optax.clip_by_global_norm(1.0),
+                                           optax.adamw(1e-3))))
+  shape = SHAPES["a"]
+  assert got[shape]["divide"] > BARE[shape]["divide"]
+  assert got[shape]["buffers"] > BARE[shape]["buffers"]
