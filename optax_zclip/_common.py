@@ -9,6 +9,7 @@ same for all of them.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Union
 
@@ -87,37 +88,77 @@ def as_f32(x: jax.typing.ArrayLike) -> jax.Array:
 # ---------------------------------------------------------------------------
 # Validation of hyperparameters at build time.
 #
-# Only concrete Python/NumPy values are checked: under
-# `optax.inject_hyperparams` the factory receives jax arrays (often tracers),
-# which must not be pulled to the host.
+# Concrete Python/NumPy values are checked in full; a value that is neither
+# a real number nor a scalar array (a string, None, a vector) is rejected.
+# Under `optax.inject_hyperparams` the factory receives scalar jax arrays
+# (often tracers), whose values must not be pulled to the host: only their
+# rank and dtype are checked.
 
 
 def _concrete(value: Any) -> float | None:
+  """A real number or 0-d NumPy array as a float, else None."""
   if isinstance(value, (bool, np.bool_)):
     return float(value)
-  if isinstance(value, (int, float, np.integer, np.floating)):
+  if isinstance(value, (numbers.Real, np.integer, np.floating)):
     return float(value)
-  if isinstance(value, np.ndarray) and value.ndim == 0:
+  if (isinstance(value, np.ndarray) and value.ndim == 0
+      and value.dtype.kind in "biuf"):
     return float(value)
   return None
 
 
+def _jax_scalar(value: Any) -> bool:
+  """Whether ``value`` is a real scalar jax array, perhaps a tracer.
+
+  Its value is not read (that would sync with the host, or fail on a
+  tracer), but its rank and dtype are static and are checked.
+  """
+  return (isinstance(value, jax.Array) and value.ndim == 0
+          and jnp.dtype(value.dtype).kind in "biuf")
+
+
 def check_number(name: str, value: Any, ok: Callable[[float], bool],
                  allowed: str) -> None:
-  """Raises ``ValueError`` if a concrete ``value`` fails ``ok``."""
+  """Raises ``ValueError`` unless ``value`` is a real number that passes ``ok``.
+
+  A scalar jax array (what `optax.inject_hyperparams` passes) is accepted
+  without reading its value; anything else that is not a real number (a
+  string, None, an array of rank > 0) is rejected.
+  """
+  if _jax_scalar(value):
+    return
   v = _concrete(value)
-  if v is not None and not (math.isfinite(v) and ok(v)):
+  if v is None or not (math.isfinite(v) and ok(v)):
     raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
-  """Raises ``ValueError`` unless a concrete ``value`` is an int >= minimum."""
-  if isinstance(value, (bool, np.bool_)) or isinstance(
-      value, (float, np.floating)):
+  """Raises ``ValueError`` unless ``value`` is an integer >= ``minimum``.
+
+  Bools and floats (even integral ones) are rejected; a scalar jax array is
+  accepted without reading its value, as in `check_number`.
+  """
+  if _jax_scalar(value):
+    return
+  integral = (
+      isinstance(value, (numbers.Integral, np.integer))
+      or (isinstance(value, np.ndarray) and value.ndim == 0
+          and value.dtype.kind in "iu"))
+  if not integral or isinstance(value, (bool, np.bool_)):
     raise ValueError(
         f"`{name}` must be an integer >= {minimum}; got {value!r}.")
   check_number(name, value, lambda v: v >= minimum,
                f"an integer >= {minimum}")
+
+
+def check_bool(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is a bool (or a 0-d bool array)."""
+  if isinstance(value, (bool, np.bool_)):
+    return
+  if (isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0
+      and value.dtype == np.bool_):
+    return
+  raise ValueError(f"`{name}` must be a bool; got {value!r}.")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

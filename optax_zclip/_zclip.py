@@ -188,6 +188,7 @@ def zclip(
   mode = _common.check_choice("mode", mode, MODES)
   clip_option = _common.check_choice("clip_option", clip_option, CLIP_OPTIONS)
   _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor)
+  _common.check_bool("skip_update_on_spike", skip_update_on_spike)
 
   def init_fn(params):
     del params
