@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
   d = DemoConfig()
   p = argparse.ArgumentParser(
       description="Train one small LLaMA-style model under several gradient "
-      "clipping methods at a spiky learning rate; write metrics, plots and "
+      "clipping methods at a high learning rate; write metrics, plots and "
       "a summary.")
   p.add_argument("--steps", type=int, default=d.steps)
   p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
