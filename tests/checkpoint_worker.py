@@ -1,0 +1,132 @@
+"""Resumes training runs from Orbax checkpoints, in a fresh process.
+
+`test_checkpoint.py` trains each case of `CASES` for ``save_at`` steps,
+saves params and the whole optimizer state with
+`orbax.checkpoint.StandardCheckpointer` under ``<ckpt_root>/<case>``, and
+runs this script::
+
+  python checkpoint_worker.py CKPT_ROOT OUT_DIR CASE [CASE ...]
+
+For each case it restores the checkpoint into an abstract target made with
+`jax.eval_shape` (so the structure and dtypes come from ``tx.init``, not
+from the files), continues to ``steps``, and writes to ``OUT_DIR``
+``<case>.npz``: the bits of every leaf right after the restore
+(``restored_<i>``) and at the end (``final_<i>``), and ``<case>.json``: the
+leaves' paths, dtypes and shapes, and the restored tree's structure.
+
+The definitions here (transforms, parameters, the gradient of each step) are
+imported by the test too, so that both processes run the same training.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_zclip
+from references import SEQ, SHAPES
+
+# One leaf in bf16, to check that checkpoints keep low-precision dtypes.
+DTYPES = {"w1": jnp.float32, "b1": jnp.bfloat16, "w2": jnp.float32}
+
+
+class Case(NamedTuple):
+  make_clip: Callable[[], optax.GradientTransformation]
+  save_at: int
+  steps: int
+
+
+CASES = {
+    # ZClip's warm-up is 25 steps: save in its middle, and after it with
+    # spikes both before (31, 32) and after (50, 66, 81) the save.
+    "zclip_warmup": Case(lambda: optax_zclip.zclip(), 12, 60),
+    "zclip_after": Case(lambda: optax_zclip.zclip(), 40, 90),
+    "adagc_warmup": Case(lambda: optax_zclip.adagc(warmup_steps=10), 5, 40),
+    "adagc_after": Case(lambda: optax_zclip.adagc(warmup_steps=10), 30, 90),
+    # The ring buffer (16) wraps before and after the save at 37.
+    "autoclip": Case(lambda: optax_zclip.autoclip(window=16), 37, 90),
+}
+
+
+def make_tx(case: str) -> optax.GradientTransformation:
+  return optax.chain(CASES[case].make_clip(),
+                     optax.adamw(1e-2, weight_decay=1e-4))
+
+
+def make_params() -> dict[str, jax.Array]:
+  return {k: jnp.linspace(-1.0, 1.0, int(np.prod(s))).reshape(s)
+             .astype(DTYPES[k]) for k, s in SHAPES.items()}
+
+
+def grads_at(t: int) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v).astype(DTYPES[k]) for k, v in SEQ[t].items()}
+
+
+def make_step(tx: optax.GradientTransformation) -> Callable:
+
+  @jax.jit
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def bits(x: Any) -> np.ndarray:
+  """The raw bits of an array, as unsigned integers of the same width."""
+  a = np.asarray(x)
+  return a.view(f"u{a.dtype.itemsize}")
+
+
+def describe(tree: Any) -> dict[str, Any]:
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return dict(
+      treedef=str(treedef),
+      paths=[jax.tree_util.keystr(p) for p, _ in flat],
+      dtypes=[str(x.dtype) for _, x in flat],
+      shapes=[list(x.shape) for _, x in flat])
+
+
+def abstract_target(case: str) -> dict[str, Any]:
+  tx = make_tx(case)
+  params = jax.eval_shape(make_params)
+  return {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
+
+
+def resume(ckpt_root: pathlib.Path, out_dir: pathlib.Path, case: str) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  target = abstract_target(case)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore((ckpt_root / case).absolute(), target)
+  info = describe(restored)
+  arrays = {f"restored_{i}": bits(x)
+            for i, x in enumerate(jax.tree.leaves(restored))}
+  tx = make_tx(case)
+  step = make_step(tx)
+  params, opt_state = restored["params"], restored["opt_state"]
+  for t in range(CASES[case].save_at, CASES[case].steps):
+    params, opt_state = step(params, opt_state, grads_at(t))
+  final = {"params": params, "opt_state": opt_state}
+  arrays.update({f"final_{i}": bits(x)
+                 for i, x in enumerate(jax.tree.leaves(final))})
+  np.savez(out_dir / f"{case}.npz", **arrays)
+  (out_dir / f"{case}.json").write_text(json.dumps(info))
+
+
+def main(argv: list[str]) -> None:
+  ckpt_root, out_dir = pathlib.Path(argv[0]), pathlib.Path(argv[1])
+  for case in argv[2:]:
+    resume(ckpt_root, out_dir, case)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,206 @@
+"""Every bad hyperparameter of every public function: a `ValueError` naming it.
+
+One table, `TABLE`, lists each argument of `zclip`, `adagc`, `autoclip`,
+`spike_mask`, `spike_score` and `count_spikes` with what it allows and bad
+values for every constraint: out of range, non-finite, the wrong type
+(a string for a number, None where None is not allowed, a float for an
+integer), and arrays of the wrong rank. Each bad value must raise
+`ValueError` at call (build) time, with the argument's name in backticks.
+`errors_markdown` renders the table, with the messages obtained by calling
+the functions, as the README's "Errors" section.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_zclip
+
+NAN, INF = math.nan, math.inf
+METRICS = ("spike_mask", "spike_score", "count_spikes")
+LOSSES = [3.0, 2.9, 2.8, 2.7, 9.0, 2.6]
+
+# (functions, argument, allowed, bad values). The first bad value gives the
+# example message of the README table.
+TABLE = [
+    ("zclip", "alpha", "float in (0, 1)",
+     [1.0, 0.0, -0.5, 1.5, NAN, INF, "0.5", None, np.array([0.5]),
+      jnp.full(2, 0.5), [0.5], 0.5 + 0j]),
+    ("zclip", "z_thresh", "float > 0",
+     [0.0, -1.0, INF, NAN, "2.5", None, np.array([2.5]), (2.5,)]),
+    ("zclip", "max_grad_norm", "float > 0, or None",
+     [0.0, -1.0, NAN, INF, "1.0", np.array([1.0, 2.0]), jnp.ones((1, 1))]),
+    ("zclip", "eps", "finite float >= 0",
+     [-1e-6, INF, NAN, "1e-6", None, np.ones((1, 1))]),
+    ("zclip", "warmup_steps", "integer >= 1",
+     [0, -3, 2.5, 25.0, np.float64(25.0), np.array(2.5), True, "25", None,
+      np.array([25])]),
+    ("zclip", "mode", '"zscore" or "percentile" (any case)',
+     ["z-score", "", None, 3, ["zscore"]]),
+    ("zclip", "clip_option", '"adaptive_scaling", "mean" or "max" (any case)',
+     ["adaptive", None, 3, "percentile"]),
+    ("zclip", "clip_factor", "float > 0",
+     [0.0, -0.5, INF, NAN, "1", None, np.array([1.0])]),
+    ("zclip", "skip_update_on_spike", "bool",
+     ["yes", None, 1, 0.0, np.array([True])]),
+    ("adagc", "lambda_rel", "float > 0",
+     [0.0, -1.0, INF, NAN, "1.05", None, np.array([1.05])]),
+    ("adagc", "beta", "float in (0, 1)",
+     [1.0, 0.0, -0.1, NAN, "0.98", None, np.array([0.98, 0.99])]),
+    ("adagc", "warmup_steps", "integer >= 1",
+     [0, -1, 2.5, 100.0, True, "100", None, np.array([100])]),
+    ("adagc", "max_grad_norm", "float > 0, or None",
+     [0.0, -2.0, NAN, INF, "1", [1.0]]),
+    ("adagc", "eps", "finite float >= 0",
+     [-1.0, INF, NAN, "0", None, np.array([0.0])]),
+    ("autoclip", "percentile", "float in [0, 100]",
+     [100.5, -1.0, NAN, INF, "10", None, np.array([10.0, 20.0])]),
+    ("autoclip", "window", "Python integer >= 1 (not a jax array)",
+     [0, -1, 2.0, 1.5, True, "8", None, np.array([8]), jnp.asarray(8)]),
+    (METRICS, "losses", "1-D array-like of real numbers",
+     [np.zeros((2, 3)), 3.0, [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
+      [1.0, None], "loss"]),
+    (METRICS, "window", "integer >= 2",
+     [1, 0, -5, 2.0, 10.5, True, None, "10", [10], np.array([10])]),
+    (METRICS, "n_sigma", "finite float > 0",
+     [0, -1.0, INF, NAN, None, "7", [7.0], np.array([7.0])]),
+]
+
+
+def _call(fn: str, arg: str, value):
+  f = getattr(optax_zclip, fn)
+  if fn in METRICS:
+    if arg == "losses":
+      return f(value)
+    return f(LOSSES, **{arg: value})
+  return f(**{arg: value})
+
+
+def _cases():
+  for fns, arg, _, values in TABLE:
+    for fn in (fns,) if isinstance(fns, str) else fns:
+      for value in values:
+        text = repr(value).replace("\n", "")
+        yield pytest.param(fn, arg, value, id=f"{fn}-{arg}={text[:30]}")
+
+
+@pytest.mark.parametrize("fn,arg,value", list(_cases()))
+def test_bad_value_raises_a_value_error_naming_the_argument(fn, arg, value):
+  with pytest.raises(ValueError, match=f"^`{arg}` must be "):
+    _call(fn, arg, value)
+
+
+def test_the_table_covers_every_argument_of_every_public_function():
+  public = {"zclip", "adagc", "autoclip", *METRICS}
+  covered = {}
+  for fns, arg, _, _ in TABLE:
+    for fn in (fns,) if isinstance(fns, str) else fns:
+      covered.setdefault(fn, set()).add(arg)
+  assert set(covered) == public
+  for fn in public:
+    params = set(inspect.signature(getattr(optax_zclip, fn)).parameters)
+    # axis_name takes any mesh axis name (or names); jax checks it.
+    assert covered[fn] == params - {"axis_name"}, fn
+
+
+GOOD = [
+    ("zclip", dict(alpha=np.float32(0.5), z_thresh=np.array(0.1),
+                   max_grad_norm=None, eps=0, warmup_steps=np.int64(1),
+                   mode="Percentile", clip_option="MAX", clip_factor=5,
+                   skip_update_on_spike=np.bool_(True))),
+    ("zclip", dict(alpha=1e-9, z_thresh=1e9, max_grad_norm=1e-30,
+                   eps=0.0, warmup_steps=np.array(10**9),
+                   skip_update_on_spike=np.array(False))),
+    ("adagc", dict(lambda_rel=1e-9, beta=0.999999, warmup_steps=1,
+                   max_grad_norm=None, eps=0)),
+    ("autoclip", dict(percentile=0, window=1)),
+    ("autoclip", dict(percentile=np.float64(100.0), window=np.int32(7))),
+]
+
+
+@pytest.mark.parametrize("fn,kwargs", GOOD)
+def test_edge_values_are_accepted_and_work(fn, kwargs):
+  tx = getattr(optax_zclip, fn)(**kwargs)
+  grads = {"w": jnp.array([3.0, 4.0])}
+  out, state = jax.jit(tx.update)(grads, tx.init(grads))
+  assert bool(jnp.all(jnp.isfinite(out["w"])))
+  assert float(state.grad_norm) == 5.0
+
+
+@pytest.mark.parametrize("fn", METRICS)
+def test_metric_edge_values_are_accepted(fn):
+  for window, n_sigma in [(2, 1e-9), (np.int64(10**9), np.float32(1e9)),
+                          (np.array(3), np.array(2.0)),
+                          (jnp.asarray(4), jnp.asarray(3.0))]:
+    getattr(optax_zclip, fn)(LOSSES, window=window, n_sigma=n_sigma)
+
+
+def test_traced_values_are_not_checked_at_build_time():
+  # Under inject_hyperparams the factory gets jax arrays (tracers inside
+  # jit): their value cannot be read without a host sync, so an out-of-range
+  # injected value is the caller's responsibility. Their rank is checked.
+  tx = optax.inject_hyperparams(optax_zclip.zclip)(alpha=1.5)
+  state = tx.init({"w": jnp.ones(2)})
+  assert float(state.hyperparams["alpha"]) == 1.5
+  jax.jit(tx.update)({"w": jnp.ones(2)}, state)
+  with pytest.raises(ValueError, match="^`alpha` must be "):
+    optax.inject_hyperparams(optax_zclip.zclip)(
+        alpha=jnp.full(3, 0.5)).init({"w": jnp.ones(2)})
+
+
+def errors_markdown() -> str:
+  """The README's "Errors" section: the table, with real messages."""
+  lines = [
+      "## Errors",
+      "",
+      "Every public function checks its arguments when it is called (for",
+      "the transforms: when the transform is built, before any step), and",
+      "a bad value raises `ValueError` whose message names the argument in",
+      "backticks, says what is allowed and shows what was given. Strings",
+      "where numbers belong, `None` where it is not allowed, floats (and",
+      "bools) where integers belong, and arrays of rank > 0 are rejected",
+      "like out-of-range and non-finite numbers. A number may be a Python",
+      "or NumPy scalar or a 0-d NumPy array.",
+      "",
+      "| function | argument | allowed | example message |",
+      "|---|---|---|---|",
+  ]
+  for fns, arg, allowed, values in TABLE:
+    fn = fns if isinstance(fns, str) else fns[0]
+    try:
+      _call(fn, arg, values[0])
+    except ValueError as e:
+      message = str(e).replace("|", "\\|")
+    else:
+      raise AssertionError(f"{fn}({arg}={values[0]!r}) did not raise")
+    names = ([fns] if isinstance(fns, str) else list(fns))
+    lines.append("| " + ", ".join(f"`{n}`" for n in names)
+                 + f" | `{arg}` | {allowed} | `` {message} `` |")
+  lines += [
+      "",
+      "Values that are traced are not checked at build time: under",
+      "`optax.inject_hyperparams` the transform is built from jax arrays",
+      "(tracers inside `jax.jit`), whose value cannot be read without",
+      "syncing with the host, so an injected `alpha=1.5` or a schedule that",
+      "leaves the allowed range is not caught; only the rank (a scalar) is",
+      "checked. `autoclip`'s `window` sets the state's shape, so it must be",
+      "a Python int; with `inject_hyperparams` list it in `static_args`.",
+      "`axis_name` is passed to `jax.lax.psum` as it is, and JAX reports an",
+      "unknown axis name when the update is traced.",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def test_errors_markdown_renders_a_row_per_argument():
+  text = errors_markdown()
+  rows = [line for line in text.splitlines() if line.startswith("| `")]
+  assert len(rows) == len(TABLE)
+  assert text.startswith("## Errors\n")
