@@ -256,6 +256,10 @@ def test_zclip_passes_a_gradient_below_the_threshold_bit_identical(
     # Rescale the tree to ``frac`` of the limit (float64, then float32).
     grads = [(np.asarray(x, np.float64) * (frac * limit / g))
              .astype(np.float32) for x in grads]
+  # XLA on CPU flushes subnormal floats to zero in arithmetic (even in
+  # ``x * 1.0``); such values are not what this property is about.
+  grads = [np.where(np.abs(x) < np.finfo(np.float32).tiny, 0, x)
+           .astype(np.float32) for x in grads]
   event("limit " + ("inf" if math.isinf(limit) else "finite"))
   out, after = optax_zclip.zclip(**hp).update(grads, before)
   _bit_identical(grads, out)
@@ -280,7 +284,10 @@ def test_autoclip_clips_to_the_numpy_percentile(percentile, window, history,
   g = _norm64(grads)
   recorded = np.concatenate([history, [g32]]).astype(np.float64)[-window:]
   thr = float(np.percentile(recorded, percentile))
-  np.testing.assert_allclose(float(after.threshold), thr, rtol=1e-6)
+  # atol: a percentile between 0 and a norm can be a float64 subnormal that
+  # float32 cannot hold.
+  np.testing.assert_allclose(float(after.threshold), thr, rtol=RTOL,
+                             atol=1e-37)
   _check_scaled_copy(grads, out)
   out_norm = _norm64(out)
   assert out_norm <= g and out_norm <= thr * (1 + RTOL)
@@ -327,5 +334,5 @@ def test_adagc_scales_each_leaf_by_one_factor_within_its_limit(hp, data,
       continue  # first sight of this leaf: seeds gamma, unclipped
     limit = hp["lambda_rel"] * gamma
     assert _norm64([y]) <= limit * (1 + RTOL)
-    if n < limit * (1 - RTOL):
+    if n + hp["eps"] < limit * (1 - RTOL):  # h = min(1, limit / (n + eps))
       _bit_identical([x], [y])
