@@ -60,7 +60,7 @@ def flat_tree(n_params: int, n_leaves: int) -> dict[str, tuple[int, ...]]:
 
 def llama_tree(d: int = 512, layers: int = 8, vocab: int = 32000,
                ffn: int = 1376) -> dict[str, tuple[int, ...]]:
-  """The parameter shapes of a LLaMA-style decoder (~ 16M + embeddings)."""
+  """Parameter shapes of a LLaMA-style decoder: 58M, 33M of them embeddings."""
   shapes = {"embed": (vocab, d), "final_norm": (d,), "head": (d, vocab)}
   for i in range(layers):
     for name, shape in {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d),
