@@ -182,9 +182,8 @@ def adagc(
         grad_norm=g,
         clipped_norm=jnp.sqrt(jnp.sum(sq * jnp.square(scales))),
         num_clipped=jnp.sum((scales < 1) & (norms > 0)).astype(jnp.int32),
-        nonfinite_count=jnp.where(
-            finite_g, state.nonfinite_count,
-            optax.safe_increment(state.nonfinite_count)),
+        nonfinite_count=_common.increment_where(~finite_g,
+                                                state.nonfinite_count),
     )
     return out, new_state
 

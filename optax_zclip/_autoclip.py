@@ -108,11 +108,7 @@ def autoclip(
   """
   _common.check_number("percentile", percentile, lambda v: 0 <= v <= 100,
                        "in [0, 100]")
-  _common.check_int("window", window, 1)
-  if isinstance(window, jax.Array):
-    raise ValueError("`window` must be a Python int (it sets the state's "
-                     "shape); with optax.inject_hyperparams pass "
-                     "static_args=('window',).")
+  _common.check_int("window", window, 1, static=True)
   window = int(window)
 
   def init_fn(params):
@@ -130,19 +126,17 @@ def autoclip(
     finite = jnp.isfinite(g)
     history = jnp.where(
         finite, state.history.at[state.count % window].set(g), state.history)
-    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+    count = _common.increment_where(finite, state.count)
     n = jnp.minimum(count, window)
     threshold = jnp.where(
         n > 0, _percentile(history, jnp.maximum(n, 1),
                            _common.as_f32(percentile)), jnp.inf)
-    clip = finite & (g > threshold)
-    scale = jnp.where(clip, threshold / jnp.where(clip, g, 1.0), 1.0)
+    scale = _common.clip_scale(g, threshold)
     new_state = AutoClipState(
         count=count, history=history, grad_norm=g, clipped_norm=g * scale,
         threshold=threshold,
-        nonfinite_count=jnp.where(
-            finite, state.nonfinite_count,
-            optax.safe_increment(state.nonfinite_count)))
+        nonfinite_count=_common.increment_where(~finite,
+                                                state.nonfinite_count))
     return _common.scale_tree(updates, scale), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

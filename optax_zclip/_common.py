@@ -16,6 +16,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 # A mesh axis name, or a tuple of them, as accepted by `jax.lax.psum`.
 AxisName = Union[Hashable, Sequence[Hashable], None]
@@ -61,6 +62,23 @@ def leaf_sq_sums(leaves: Sequence[jax.Array],
   if not leaves:
     return jnp.zeros([0], F32)
   return _psum(jnp.stack([_leaf_sq_sum(x) for x in leaves]), axis_name)
+
+
+def clip_scale(norm: jax.Array, limit: jax.Array,
+               eps: jax.typing.ArrayLike = 0.0) -> jax.Array:
+  """The factor that brings a global ``norm`` down to ``limit``.
+
+  ``limit / (norm + eps)`` when ``norm > limit``, else 1; also 1 for a NaN or
+  Inf ``norm``, so that a non-finite update passes through untouched (for
+  `optax.apply_if_finite` to see) instead of being zeroed.
+  """
+  clip = jnp.isfinite(norm) & (norm > limit)
+  return jnp.where(clip, limit / jnp.where(clip, norm + eps, 1.0), 1.0)
+
+
+def increment_where(flag: jax.Array, counter: jax.Array) -> jax.Array:
+  """``counter + 1`` where ``flag`` holds (saturating at the dtype's max)."""
+  return jnp.where(flag, optax.safe_increment(counter), counter)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -132,13 +150,20 @@ def check_number(name: str, value: Any, ok: Callable[[float], bool],
     raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int, *,
+              static: bool = False) -> None:
   """Raises ``ValueError`` unless ``value`` is an integer >= ``minimum``.
 
   Bools and floats (even integral ones) are rejected; a scalar jax array is
-  accepted without reading its value, as in `check_number`.
+  accepted without reading its value, as in `check_number`, unless
+  ``static``: a value that sets a shape must be a Python or NumPy integer.
   """
   if _jax_scalar(value):
+    if static:
+      raise ValueError(
+          f"`{name}` must be a Python int (it sets the state's shape); got a "
+          "jax array. With optax.inject_hyperparams pass "
+          f"static_args=('{name}',).")
     return
   integral = (
       isinstance(value, (numbers.Integral, np.integer))

@@ -238,8 +238,7 @@ def zclip(
       cap = _common.as_f32(max_grad_norm)
       limit = jnp.minimum(limit, cap)
       threshold = jnp.minimum(threshold, cap)
-    clip = finite & (g > limit)
-    scale = jnp.where(clip, limit / jnp.where(clip, g + e, 1.0), 1.0)
+    scale = _common.clip_scale(g, limit, e)
     updates = _common.scale_tree(updates, scale)
 
     # Statistics. Warm-up: running (Welford) mean and population variance of
@@ -258,19 +257,16 @@ def zclip(
     new_var = jnp.where(keep, var, jnp.where(warm, w_var, e_var))
 
     new_state = ZClipState(
-        count=jnp.where(finite, optax.safe_increment(state.count),
-                        state.count),
+        count=_common.increment_where(finite, state.count),
         mean=new_mean,
         var=new_var,
         grad_norm=g,
         clipped_norm=g * scale,
         z_score=jnp.where(warm, 0.0, z).astype(F32),
         threshold=threshold.astype(F32),
-        spike_count=jnp.where(is_spike,
-                              optax.safe_increment(state.spike_count),
-                              state.spike_count),
-        nonfinite_count=jnp.where(finite, state.nonfinite_count,
-                                  optax.safe_increment(state.nonfinite_count)),
+        spike_count=_common.increment_where(is_spike, state.spike_count),
+        nonfinite_count=_common.increment_where(~finite,
+                                                state.nonfinite_count),
     )
     return updates, new_state
 
