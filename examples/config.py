@@ -57,6 +57,17 @@ class DemoConfig:
     return (self.d_model * 8 // 3 + 31) // 32 * 32
 
 
+# The settings the command line exposes, as ``--d-model`` for ``d_model``.
+CLI_FIELDS = {
+    "steps": None, "lr": "peak learning rate",
+    "seed": "model init and batch order", "d_model": None, "n_layers": None,
+    "n_heads": None, "seq_len": None, "batch_size": None, "b2": None,
+    "warmup_frac": None, "weight_decay": None, "clip_norm": None,
+    "zclip_z_thresh": None, "spike_window": None, "spike_sigma": None,
+    "ckpt_every": "steps between Orbax checkpoints (0: none)",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
   """``(config, options)``: options are ``out``, ``resume``, ``corpus``."""
   d = DemoConfig()
@@ -64,26 +75,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
       description="Train one small LLaMA-style model under several gradient "
       "clipping methods at a high learning rate; write metrics, plots and "
       "a summary.")
-  p.add_argument("--steps", type=int, default=d.steps)
-  p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-  p.add_argument("--seed", type=int, default=d.seed,
-                 help="model init and batch order")
+  for field, help_text in CLI_FIELDS.items():
+    default = getattr(d, field)
+    p.add_argument("--" + field.replace("_", "-"), type=type(default),
+                   default=default, help=help_text)
   p.add_argument("--methods", default=",".join(d.methods),
                  help=f"comma-separated, from {', '.join(METHODS)}")
-  p.add_argument("--d-model", type=int, default=d.d_model)
-  p.add_argument("--n-layers", type=int, default=d.n_layers)
-  p.add_argument("--n-heads", type=int, default=d.n_heads)
-  p.add_argument("--seq-len", type=int, default=d.seq_len)
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
-  p.add_argument("--b2", type=float, default=d.b2)
-  p.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
-  p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-  p.add_argument("--clip-norm", type=float, default=d.clip_norm)
-  p.add_argument("--zclip-z-thresh", type=float, default=d.zclip_z_thresh)
-  p.add_argument("--spike-window", type=int, default=d.spike_window)
-  p.add_argument("--spike-sigma", type=float, default=d.spike_sigma)
-  p.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
-                 help="steps between Orbax checkpoints (0: none)")
   p.add_argument("--out", default="runs/spike_demo", help="output directory")
   p.add_argument("--resume", action="store_true",
                  help="continue each method from its latest checkpoint in "
@@ -99,11 +96,5 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
   if a.steps < 1:
     p.error("--steps must be >= 1")
   cfg = dataclasses.replace(
-      d, steps=a.steps, lr=a.lr, seed=a.seed, methods=methods,
-      d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads,
-      seq_len=a.seq_len, batch_size=a.batch_size, b2=a.b2,
-      warmup_frac=a.warmup_frac, weight_decay=a.weight_decay,
-      clip_norm=a.clip_norm, zclip_z_thresh=a.zclip_z_thresh,
-      spike_window=a.spike_window, spike_sigma=a.spike_sigma,
-      ckpt_every=a.ckpt_every)
+      d, methods=methods, **{f: getattr(a, f) for f in CLI_FIELDS})
   return cfg, {"out": a.out, "resume": a.resume, "corpus": a.corpus}
