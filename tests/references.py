@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import jax
 import numpy as np
 
 
@@ -190,6 +191,24 @@ class AutoClipRef:
     self.norms.append(g)
     thr = float(np.percentile(self.norms[-self.window:], self.percentile))
     return (thr / g if g > thr else 1.0), thr
+
+
+
+def run_without_host_transfer(update, state, seq):
+  """Runs jitted ``update`` over ``seq`` under ``transfer_guard("disallow")``.
+
+  The gradients and state are put on the device first, so any transfer
+  inside the step (a host sync) raises. Returns the outputs, on the host,
+  and the final state.
+  """
+  step = jax.jit(update)
+  seq, state = jax.device_put(seq), jax.device_put(state)
+  outs = []
+  with jax.transfer_guard("disallow"):
+    for grads in seq:
+      out, state = step(grads, state)
+      outs.append(out)
+  return jax.device_get(outs), state
 
 
 # The default sequence: warm-up, drift, and six spikes (two back to back).

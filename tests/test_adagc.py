@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import optax_zclip
-from references import AdaGCRef, leaf_norm64, make_sequence, tree_norm64
+from references import (AdaGCRef, leaf_norm64, make_sequence,
+                        run_without_host_transfer, tree_norm64)
 
 # Spikes confined to one tensor, on top of make_sequence's global spikes.
 LEAF_SPIKES = {(14, "w1"): 20.0, (40, "b1"): 50.0, (41, "b1"): 8.0,
@@ -186,14 +187,7 @@ def test_jit_without_host_transfer_and_injected_hyperparams():
   state.hyperparams["lambda_rel"] = jnp.asarray(1.2)
   ref = AdaGCRef(warmup_steps=10, lambda_rel=1.2)
   keys = sorted(SEQ[0])
-  step = jax.jit(tx.update)
-  grads_on_device = jax.device_put(SEQ)
-  state = jax.device_put(state)
-  with jax.transfer_guard("disallow"):
-    outs = []
-    for grads in grads_on_device:
-      out, state = step(grads, state)
-      outs.append(out)
+  outs, _ = run_without_host_transfer(tx.update, state, SEQ)
   for grads, out in zip(SEQ, outs):
     scales = ref.step([grads[k] for k in keys])
     for k, s in zip(keys, scales):

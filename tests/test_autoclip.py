@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import optax_zclip
-from references import SEQ, AutoClipRef, tree_norm64
+from references import (SEQ, AutoClipRef, run_without_host_transfer,
+                        tree_norm64)
 
 CONFIGS = [(10.0, 1024), (10.0, 7), (50.0, 5), (90.0, 16), (0.0, 8),
            (100.0, 3), (37.5, 1)]
@@ -94,19 +95,13 @@ def test_dtypes_kept_and_norm_in_float32():
 def test_inject_hyperparams_with_static_window_and_no_host_transfer():
   tx = optax.inject_hyperparams(optax_zclip.autoclip, static_args=("window",))(
       percentile=10.0, window=6)
-  state = jax.device_put(tx.init(SEQ[0]))
+  state = tx.init(SEQ[0])
   state.hyperparams["percentile"] = jnp.asarray(60.0)
   ref = AutoClipRef(percentile=60.0, window=6)
-  step = jax.jit(tx.update)
-  seq = jax.device_put(SEQ)
-  with jax.transfer_guard("disallow"):
-    outs = []
-    for grads in seq:
-      out, state = step(grads, state)
-      outs.append(out)
+  outs, _ = run_without_host_transfer(tx.update, state, SEQ)
   for grads, out in zip(SEQ, outs):
     scale, _ = ref.step(tree_norm64(grads.values()))
-    np.testing.assert_allclose(tree_norm64(jax.device_get(out).values()),
+    np.testing.assert_allclose(tree_norm64(out.values()),
                                tree_norm64(grads.values()) * scale, rtol=1e-5)
 
 

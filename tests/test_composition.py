@@ -97,15 +97,19 @@ def _poison(grads, value=np.nan):
   return bad
 
 
-@pytest.mark.parametrize("at", [3, 20])  # in ZClip's warm-up, after it
-def test_apply_if_finite_skips_a_nan_step_and_zclip_state_is_untouched(at):
-  cfg = dict(warmup_steps=5)
+def _zclip_sgd_if_finite(cfg):
+  """``(step, params, state)`` of apply_if_finite(chain(zclip, sgd), 2)."""
   tx = optax.apply_if_finite(
       optax.chain(optax_zclip.zclip(**cfg), optax.sgd(LR)),
       max_consecutive_errors=2)
-  step = _sgd_step(tx)
   params = _params0()
-  state = tx.init(params)
+  return _sgd_step(tx), params, tx.init(params)
+
+
+@pytest.mark.parametrize("at", [3, 20])  # in ZClip's warm-up, after it
+def test_apply_if_finite_skips_a_nan_step_and_zclip_state_is_untouched(at):
+  cfg = dict(warmup_steps=5)
+  step, params, state = _zclip_sgd_if_finite(cfg)
   clean_params, clean_state = params, state
   ref = ZClipRef(**cfg)
   want = {key: np.ones(v.shape) for key, v in SEQ[0].items()}
@@ -143,12 +147,7 @@ def test_when_apply_if_finite_gives_up_zclip_statistics_stay_clean():
   # passes through (the params are lost, as without ZClip), but ZClip's own
   # statistics stay finite and carry on as if the NaNs had never come.
   cfg = dict(warmup_steps=5)
-  tx = optax.apply_if_finite(
-      optax.chain(optax_zclip.zclip(**cfg), optax.sgd(LR)),
-      max_consecutive_errors=2)
-  step = _sgd_step(tx)
-  params = _params0()
-  state = tx.init(params)
+  step, params, state = _zclip_sgd_if_finite(cfg)
   ref = ZClipRef(**cfg)
   for grads in SEQ[:20]:
     params, state = step(params, state, grads)
