@@ -44,7 +44,11 @@ class DemoConfig:
   zclip_warmup_steps: int = 25
   adagc_warmup_steps: int = 100
   autoclip_percentile: float = 10.0
-  # Loss-spike metric (see optax_zclip.spike_mask).
+  # Loss-spike metric (see optax_zclip.spike_mask), applied to the loss of a
+  # fixed held-out probe batch of ``probe_size`` sequences measured every
+  # step: unlike the training loss it has no batch-to-batch noise, so a
+  # spike that builds up over a few steps stands out.
+  probe_size: int = 4
   spike_window: int = 50
   spike_sigma: float = 5.0
   # Evaluation and checkpoints.
@@ -63,7 +67,9 @@ CLI_FIELDS = {
     "seed": "model init and batch order", "d_model": None, "n_layers": None,
     "n_heads": None, "seq_len": None, "batch_size": None, "b2": None,
     "warmup_frac": None, "weight_decay": None, "clip_norm": None,
-    "zclip_z_thresh": None, "spike_window": None, "spike_sigma": None,
+    "zclip_z_thresh": None, "probe_size": "held-out sequences whose loss is "
+    "measured every step (loss spikes are counted on it)",
+    "spike_window": None, "spike_sigma": None,
     "ckpt_every": "steps between Orbax checkpoints (0: none)",
 }
 

@@ -31,21 +31,22 @@ def _series(rows: list[dict], key: str) -> np.ndarray:
 
 def plot_loss(runs: dict[str, list[dict]], spikes: dict[str, np.ndarray],
               counts: dict[str, int], path: pathlib.Path, title: str) -> None:
-  """Training loss (faint: per step; bold: EMA); loss spikes marked."""
+  """Training loss (faint, EMA) and probe loss (bold); loss spikes marked."""
   fig, ax = plt.subplots(figsize=(9, 5))
   for method, rows in runs.items():
-    steps, loss = _series(rows, "step"), _series(rows, "loss")
+    steps, probe = _series(rows, "step"), _series(rows, "probe_loss")
     c = COLORS.get(method)
-    ax.plot(steps, loss, color=c, alpha=0.2, lw=0.7)
-    ax.plot(steps, _ema(loss), color=c, lw=1.8,
+    ax.plot(steps, _ema(_series(rows, "loss")), color=c, alpha=0.3, lw=0.8)
+    ax.plot(steps, probe, color=c, lw=1.6,
             label=f"{LABELS.get(method, method)} ({counts[method]} spikes)")
     flagged = spikes[method]
-    ax.scatter(steps[flagged], loss[flagged], color=c, marker="v", s=28,
+    ax.scatter(steps[flagged], probe[flagged], color=c, marker="v", s=28,
                zorder=3)
   ax.set_yscale("log")
   ax.set_xlabel("step")
-  ax.set_ylabel("training loss (nats/byte, log scale)")
-  ax.set_title(title)
+  ax.set_ylabel("loss (nats/byte, log scale)")
+  ax.set_title(title + "\nbold: held-out probe batch; faint: training loss "
+               "(moving average)", fontsize=10)
   ax.grid(alpha=0.3, which="both")
   ax.legend()
   fig.tight_layout()

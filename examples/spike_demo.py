@@ -6,13 +6,15 @@ learning rate, once per clipping method, each chained before AdamW with
 warm-up and cosine decay as in the ZClip paper's Table 1 (`config.py`). Then
 writes to ``--out``:
 
-* ``metrics.jsonl``: one line per method and step: loss, learning rate,
+* ``metrics.jsonl``: one line per method and step: loss, probe loss (a fixed
+  held-out batch, measured every step), learning rate,
   gradient norm before and after clipping, the clipping threshold, whether
-  the step was clipped, whether ZClip detected a spike, whether the loss
-  spiked;
+  the step was clipped, whether ZClip detected a spike, whether the probe
+  loss spiked;
 * ``loss.png`` and ``grad_norm.png``: all methods on shared axes;
 * ``summary.json``: per method the final and held-out loss, loss-spike count
-  and score (`optax_zclip.count_spikes` / `spike_score`), clipped steps and
+  and score of the probe loss (`optax_zclip.count_spikes` / `spike_score`),
+  the same count on the training loss, clipped steps and
   speed, plus the configuration; the same table is printed.
 
 Each method checkpoints with Orbax (model, optimizer and clipping state)
@@ -40,19 +42,29 @@ from model import num_params
 from train import make_model, run_method
 
 
+def _series(rows: list[dict], key: str) -> np.ndarray:
+  return np.array([np.nan if r[key] is None else r[key] for r in rows])
+
+
 def summarize(method, result, cfg) -> tuple[dict, np.ndarray]:
-  """The summary entry of one run and its loss-spike mask."""
-  losses = np.array([np.nan if r["loss"] is None else r["loss"]
-                     for r in result.rows])
+  """The summary entry of one run and its loss-spike mask.
+
+  Loss spikes are flagged on the probe loss (see `DemoConfig.probe_size`);
+  ``train_loss_spike_count`` applies the same rule to the noisy per-batch
+  training loss, for comparison.
+  """
+  losses, probe = _series(result.rows, "loss"), _series(result.rows,
+                                                         "probe_loss")
   kw = dict(window=cfg.spike_window, n_sigma=cfg.spike_sigma)
-  mask = optax_zclip.spike_mask(losses, **kw)
+  mask = optax_zclip.spike_mask(probe, **kw)
   tail = losses[-min(cfg.final_loss_steps, losses.size):]
   return {
       "method": method,
       "final_loss": float(np.mean(tail)),
       "eval_loss": result.eval_loss,
-      "spike_count": optax_zclip.count_spikes(losses, **kw),
-      "spike_score": optax_zclip.spike_score(losses, **kw),
+      "spike_count": optax_zclip.count_spikes(probe, **kw),
+      "spike_score": optax_zclip.spike_score(probe, **kw),
+      "train_loss_spike_count": optax_zclip.count_spikes(losses, **kw),
       "clipped_steps": int(sum(r["clipped"] for r in result.rows)),
       # None when no step was timed (a run resumed at its last step).
       "steps_per_second": (result.steps_per_second

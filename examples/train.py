@@ -72,7 +72,10 @@ def make_model(cfg: DemoConfig) -> Llama:
 
 
 def make_train_step(method: str, cfg: DemoConfig) -> Callable:
-  """``step(model, optimizer, batch) -> metrics``, one `nnx.jit` call.
+  """``step(model, optimizer, batch, probe) -> metrics``, one `nnx.jit` call.
+
+  ``probe_loss`` is the loss of the fixed held-out ``probe`` batch under the
+  parameters the step starts from, the same point as ``loss``.
 
   The package's transforms report their norms and threshold in their state
   (`optax_zclip.stats`); for the two baselines the step measures the
@@ -80,12 +83,13 @@ def make_train_step(method: str, cfg: DemoConfig) -> Callable:
   """
 
   @nnx.jit
-  def train_step(model, optimizer, batch):
+  def train_step(model, optimizer, batch, probe):
     loss, grads = nnx.value_and_grad(next_token_loss)(model, batch)
+    probe_loss = next_token_loss(model, probe)
     if method == "zclip":  # read before the update changes it in place
       spikes_before = optax_zclip.stats(optimizer.opt_state[0])["spike_count"]
     optimizer.update(model, grads)
-    metrics = {"loss": loss}
+    metrics = {"loss": loss, "probe_loss": probe_loss}
     if method in ("none", "clip"):
       g = optax.tree.norm(grads).astype(jnp.float32)
       metrics["grad_norm"] = g
@@ -172,13 +176,14 @@ def run_method(method: str, cfg: DemoConfig, corpus: Corpus,
     progress.update(start)
 
   step_fn = make_train_step(method, cfg)
+  probe = jnp.asarray(corpus.eval_batches(cfg.probe_size, cfg.seq_len, 1)[0])
   schedule = lr_schedule(cfg)
   pending, pending_start = [], start
   timed_from, t0 = None, None
   for step in range(start, cfg.steps):
     batch = jnp.asarray(corpus.batch(cfg.seed, step, cfg.batch_size,
                                      cfg.seq_len))
-    pending.append(step_fn(model, optimizer, batch))
+    pending.append(step_fn(model, optimizer, batch, probe))
     if timed_from is None:  # time from after the first (compiling) step
       jax.block_until_ready(pending[-1])
       timed_from, t0 = step + 1, time.perf_counter()

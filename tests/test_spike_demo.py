@@ -20,7 +20,8 @@ TINY = ["--steps", str(STEPS), "--d-model", "32", "--n-layers", "1",
         "--n-heads", "2", "--seq-len", "16", "--batch-size", "4",
         "--ckpt-every", "10", "--clip-norm", "0.5", "--spike-window", "10",
         "--methods", ",".join(METHODS)]
-ROW_KEYS = {"method", "step", "lr", "loss", "grad_norm", "clipped_norm",
+ROW_KEYS = {"method", "step", "lr", "loss", "probe_loss", "grad_norm",
+            "clipped_norm",
             "threshold", "clipped", "loss_spike"}
 
 
@@ -47,7 +48,8 @@ def test_writes_every_file_with_its_fields(demo, capsys):
   assert on_disk["config"]["steps"] == STEPS
   for r in on_disk["runs"]:
     assert set(r) == {"method", "final_loss", "eval_loss", "spike_count",
-                      "spike_score", "clipped_steps", "steps_per_second"}
+                      "spike_score", "train_loss_spike_count",
+                      "clipped_steps", "steps_per_second"}
     assert 0 < r["eval_loss"] < 6 and r["steps_per_second"] > 0
   assert len(rows) == STEPS * len(METHODS)
   for r in rows:
@@ -65,6 +67,8 @@ def test_metrics_agree_with_independent_computations(demo):
     # whether the norm comes from the step (none, clip) or from the
     # transform's own state (zclip, adagc, autoclip).
     assert by[m][0]["loss"] == pytest.approx(by["none"][0]["loss"], rel=1e-6)
+    assert by[m][0]["probe_loss"] == pytest.approx(by["none"][0]["probe_loss"],
+                                                   rel=1e-6)
     assert by[m][0]["grad_norm"] == pytest.approx(by["none"][0]["grad_norm"],
                                                   rel=1e-5)
     for r in by[m]:
@@ -79,13 +83,43 @@ def test_metrics_agree_with_independent_computations(demo):
   for entry in summary["runs"]:
     m = entry["method"]
     losses = np.array([r["loss"] for r in by[m]])
+    probe = np.array([r["probe_loss"] for r in by[m]])
+    # The probe batch is fixed: its loss differs from the training loss.
+    assert not np.allclose(probe, losses)
     assert entry["final_loss"] == pytest.approx(losses[-min(50, STEPS):].mean())
     assert entry["clipped_steps"] == sum(r["clipped"] for r in by[m])
     flags = np.array([r["loss_spike"] for r in by[m]])
-    # The demo's spike flags by the definition, as a plain loop would.
-    np.testing.assert_array_equal(flags, naive_mask(losses, 10, 5.0))
+    # The demo's spike flags by the definition, as a plain loop would, on
+    # the probe loss; the training-loss count by the same loop.
+    np.testing.assert_array_equal(flags, naive_mask(probe, 10, 5.0))
+    assert entry["train_loss_spike_count"] == naive_runs(
+        naive_mask(losses, 10, 5.0))
     assert entry["spike_count"] == naive_runs(flags)
     assert entry["spike_score"] == pytest.approx(flags.mean())
+
+
+def test_probe_loss_is_the_first_held_out_windows(demo):
+  """Step 0's probe loss, by hand: the untrained model on the first
+  ``probe_size`` held-out windows, cross-entropy in float64 NumPy."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from config import parse_args  # noqa: PLC0415
+  from data import load_corpus  # noqa: PLC0415
+  from train import make_model  # noqa: PLC0415
+
+  _, _, rows = demo
+  cfg, _ = parse_args(TINY)
+  held = load_corpus().heldout
+  t = cfg.seq_len
+  windows = np.stack([held[i * t: i * t + t + 1]
+                      for i in range(cfg.probe_size)]).astype(np.int32)
+  logits = np.asarray(make_model(cfg)(jnp.asarray(windows[:, :-1])),
+                      np.float64)
+  logits -= logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+  first = next(r for r in rows if r["method"] == "none" and r["step"] == 0)
+  assert first["probe_loss"] == pytest.approx(nll, rel=1e-5)
 
 
 def test_resume_continues_identically(demo, tmp_path):
@@ -99,7 +133,8 @@ def test_resume_continues_identically(demo, tmp_path):
   again = _rows(copy)
   assert len(again) == len(rows)
   for a, b in zip(rows, again):
-    for k in ("loss", "grad_norm", "clipped_norm", "threshold", "clipped"):
+    for k in ("loss", "probe_loss", "grad_norm", "clipped_norm", "threshold",
+              "clipped"):
       assert a[k] == b[k], (a["method"], a["step"], k)
   for a, b in zip(summary["runs"], resumed["runs"]):
     assert a["eval_loss"] == b["eval_loss"]
