@@ -38,7 +38,8 @@ def plot_loss(runs: dict[str, list[dict]], spikes: dict[str, np.ndarray],
     c = COLORS.get(method)
     ax.plot(steps, _ema(_series(rows, "loss")), color=c, alpha=0.3, lw=0.8)
     ax.plot(steps, probe, color=c, lw=1.6,
-            label=f"{LABELS.get(method, method)} ({counts[method]} spikes)")
+            label=f"{LABELS.get(method, method)} ({counts[method]} spike"
+            f"{'' if counts[method] == 1 else 's'})")
     flagged = spikes[method]
     ax.scatter(steps[flagged], probe[flagged], color=c, marker="v", s=28,
                zorder=3)
