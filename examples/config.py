@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
     p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
   if a.steps < 1:
     p.error("--steps must be >= 1")
+  if a.probe_size < 1:
+    p.error("--probe-size must be >= 1")
   cfg = dataclasses.replace(
       d, methods=methods, **{f: getattr(a, f) for f in CLI_FIELDS})
   return cfg, {"out": a.out, "resume": a.resume, "corpus": a.corpus}

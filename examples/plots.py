@@ -25,7 +25,8 @@ def _ema(x: np.ndarray, alpha: float = 0.9) -> np.ndarray:
   return out
 
 
-def _series(rows: list[dict], key: str) -> np.ndarray:
+def series(rows: list[dict], key: str) -> np.ndarray:
+  """``key`` of every row as a float array, None as NaN."""
   return np.array([np.nan if r[key] is None else r[key] for r in rows], float)
 
 
@@ -34,9 +35,9 @@ def plot_loss(runs: dict[str, list[dict]], spikes: dict[str, np.ndarray],
   """Training loss (faint, EMA) and probe loss (bold); loss spikes marked."""
   fig, ax = plt.subplots(figsize=(9, 5))
   for method, rows in runs.items():
-    steps, probe = _series(rows, "step"), _series(rows, "probe_loss")
+    steps, probe = series(rows, "step"), series(rows, "probe_loss")
     c = COLORS.get(method)
-    ax.plot(steps, _ema(_series(rows, "loss")), color=c, alpha=0.3, lw=0.8)
+    ax.plot(steps, _ema(series(rows, "loss")), color=c, alpha=0.3, lw=0.8)
     ax.plot(steps, probe, color=c, lw=1.6,
             label=f"{LABELS.get(method, method)} ({counts[method]} spike"
             f"{'' if counts[method] == 1 else 's'})")
@@ -61,12 +62,12 @@ def plot_grad_norm(runs: dict[str, list[dict]], path: pathlib.Path,
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
                                     sharey=True)
   for method, rows in runs.items():
-    steps = _series(rows, "step")
+    steps = series(rows, "step")
     c, label = COLORS.get(method), LABELS.get(method, method)
-    top.plot(steps, _series(rows, "grad_norm"), color=c, lw=0.8, label=label)
-    bottom.plot(steps, _series(rows, "clipped_norm"), color=c, lw=0.8,
+    top.plot(steps, series(rows, "grad_norm"), color=c, lw=0.8, label=label)
+    bottom.plot(steps, series(rows, "clipped_norm"), color=c, lw=0.8,
                 label=label)
-    thr = _series(rows, "threshold")
+    thr = series(rows, "threshold")
     if method == "zclip" and np.isfinite(thr).any():
       bottom.plot(steps, thr, color=c, lw=0.8, ls=":",
                   label="ZClip threshold (mean + z_thresh * std)")

@@ -37,13 +37,9 @@ from tqdm import tqdm
 import optax_zclip
 from config import parse_args
 from data import load_corpus
-from plots import plot_grad_norm, plot_loss
+from plots import plot_grad_norm, plot_loss, series
 from model import num_params
 from train import make_model, run_method
-
-
-def _series(rows: list[dict], key: str) -> np.ndarray:
-  return np.array([np.nan if r[key] is None else r[key] for r in rows])
 
 
 def summarize(method, result, cfg) -> tuple[dict, np.ndarray]:
@@ -53,7 +49,7 @@ def summarize(method, result, cfg) -> tuple[dict, np.ndarray]:
   ``train_loss_spike_count`` applies the same rule to the noisy per-batch
   training loss, for comparison.
   """
-  losses, probe = _series(result.rows, "loss"), _series(result.rows,
+  losses, probe = series(result.rows, "loss"), series(result.rows,
                                                          "probe_loss")
   kw = dict(window=cfg.spike_window, n_sigma=cfg.spike_sigma)
   mask = optax_zclip.spike_mask(probe, **kw)

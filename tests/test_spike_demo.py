@@ -138,3 +138,12 @@ def test_resume_continues_identically(demo, tmp_path):
       assert a[k] == b[k], (a["method"], a["step"], k)
   for a, b in zip(summary["runs"], resumed["runs"]):
     assert a["eval_loss"] == b["eval_loss"]
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--probe-size"])
+def test_cli_rejects_non_positive_counts(flag, capsys):
+  from config import parse_args  # noqa: PLC0415
+
+  with pytest.raises(SystemExit):
+    parse_args([flag, "0"])
+  assert f"{flag} must be >= 1" in capsys.readouterr().err
