@@ -16,7 +16,7 @@ class DemoConfig:
   The optimizer follows the ZClip paper's Table 1 (AdamW with b1 0.9, b2
   0.999, eps 1e-7, weight decay 0.01; linear warm-up, then cosine decay to
   10% of the peak), scaled down to a byte-level model that trains on two CPU
-  cores in about a minute per method.
+  cores in a minute or two per method.
   """
 
   # Run.

@@ -20,7 +20,7 @@ writes to ``--out``:
 Each method checkpoints with Orbax (model, optimizer and clipping state)
 under ``--out/<method>/``; ``--resume`` continues from there.
 
-  python examples/spike_demo.py                  # defaults, ~4 minutes
+  python examples/spike_demo.py                  # defaults, ~5 minutes on 2 cores
   python examples/spike_demo.py --steps 200 --methods zclip,clip --out /tmp/x
 """
 
