@@ -107,20 +107,21 @@ def as_f32(x: jax.typing.ArrayLike) -> jax.Array:
 # Validation of hyperparameters at build time.
 #
 # Concrete Python/NumPy values are checked in full; a value that is neither
-# a real number nor a scalar array (a string, None, a vector) is rejected.
+# a real number nor a scalar array (a string, None, a bool, a vector) is
+# rejected.
 # Under `optax.inject_hyperparams` the factory receives scalar jax arrays
 # (often tracers), whose values must not be pulled to the host: only their
 # rank and dtype are checked.
 
 
 def _concrete(value: Any) -> float | None:
-  """A real number or 0-d NumPy array as a float, else None."""
+  """A real number or 0-d NumPy array as a float, else None (bools too)."""
   if isinstance(value, (bool, np.bool_)):
-    return float(value)
+    return None
   if isinstance(value, (numbers.Real, np.integer, np.floating)):
     return float(value)
   if (isinstance(value, np.ndarray) and value.ndim == 0
-      and value.dtype.kind in "biuf"):
+      and value.dtype.kind in "iuf"):
     return float(value)
   return None
 
@@ -132,7 +133,7 @@ def _jax_scalar(value: Any) -> bool:
   tracer), but its rank and dtype are static and are checked.
   """
   return (isinstance(value, jax.Array) and value.ndim == 0
-          and jnp.dtype(value.dtype).kind in "biuf")
+          and jnp.dtype(value.dtype).kind in "iuf")
 
 
 def check_number(name: str, value: Any, ok: Callable[[float], bool],
