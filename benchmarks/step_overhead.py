@@ -41,14 +41,17 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_zclip  # noqa: E402
+from optax_zclip import _common  # noqa: E402
+
 
 def fused_clip(max_norm: float = 1.0) -> optax.GradientTransformation:
   """Global-norm clipping in its cheapest form: a scalar factor, no statistics.
 
-  The same result as `optax.clip_by_global_norm`, written so that XLA folds
-  the factor into the next transform's pass: a float32 sum of squares, then
-  ``updates * min(1, max_norm / norm)``. Chained before AdamW it is the floor
-  of any clipping by a global norm: AdamW's own pass plus one read of the
+  What `optax.clip_by_global_norm` computes (for a finite norm), built from
+  the pieces the package's transforms use: their float32 global norm, their
+  clip factor ``min(1, max_norm / norm)`` and their scaling, which XLA folds
+  into the next transform's pass. Chained before AdamW it is the floor of
+  any clipping by a global norm: AdamW's own pass plus one read of the
   gradients.
   """
 
@@ -58,11 +61,9 @@ def fused_clip(max_norm: float = 1.0) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    leaves = jax.tree.leaves(updates)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                        for x in leaves))
-    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-    return jax.tree.map(lambda x: x * scale.astype(x.dtype), updates), state
+    scale = _common.clip_scale(_common.global_norm(updates),
+                               _common.as_f32(max_norm))
+    return _common.scale_tree(updates, scale), state
 
   return optax.GradientTransformation(init, update)
 

@@ -142,7 +142,7 @@ def check_number(name: str, value: Any, ok: Callable[[float], bool],
 
   A scalar jax array (what `optax.inject_hyperparams` passes) is accepted
   without reading its value; anything else that is not a real number (a
-  string, None, an array of rank > 0) is rejected.
+  string, None, a bool, an array of rank > 0) is rejected.
   """
   if _jax_scalar(value):
     return

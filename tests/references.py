@@ -193,7 +193,6 @@ class AutoClipRef:
     return (thr / g if g > thr else 1.0), thr
 
 
-
 def run_without_host_transfer(update, state, seq):
   """Runs jitted ``update`` over ``seq`` under ``transfer_guard("disallow")``.
 
