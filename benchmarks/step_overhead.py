@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_zclip  # noqa: E402
-from optax_zclip import _common  # noqa: E402
+from optax_zclip import _numerics  # noqa: E402
 
 
 def fused_clip(max_norm: float = 1.0) -> optax.GradientTransformation:
@@ -61,9 +61,9 @@ def fused_clip(max_norm: float = 1.0) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    scale = _common.clip_scale(_common.global_norm(updates),
-                               _common.as_f32(max_norm))
-    return _common.scale_tree(updates, scale), state
+    scale = _numerics.clip_scale(_numerics.global_norm(updates),
+                               _numerics.as_f32(max_norm))
+    return _numerics.scale_tree(updates, scale), state
 
   return optax.GradientTransformation(init, update)
 

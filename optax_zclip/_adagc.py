@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _common
-from optax_zclip._common import F32, AxisName
+from optax_zclip import _numerics, _validation
+from optax_zclip._numerics import F32, AxisName
 
 
 class AdaGCState(NamedTuple):
@@ -119,23 +119,22 @@ def adagc(
     Wang et al., `AdaGC: Improving Training Stability for Large Language
     Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
   """
-  _common.check_number("lambda_rel", lambda_rel, lambda v: v > 0, "> 0")
-  _common.check_number("beta", beta, lambda v: 0 < v < 1,
+  _validation.check_number("lambda_rel", lambda_rel, lambda v: v > 0, "> 0")
+  _validation.check_number("beta", beta, lambda v: 0 < v < 1,
                        "in the open interval (0, 1)")
-  _common.check_int("warmup_steps", warmup_steps, 1)
+  _validation.check_int("warmup_steps", warmup_steps, 1)
   if max_grad_norm is not None:
-    _common.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
+    _validation.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
                          "None or > 0")
-  _common.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
+  _validation.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
 
   def init_fn(params):
-    zero_i = jnp.zeros([], jnp.int32)
-    zero_f = jnp.zeros([], F32)
+    i32, scalar = jnp.int32, _numerics.scalar
     return AdaGCState(
-        count=zero_i,
-        gamma=jax.tree.map(lambda _: jnp.full([], jnp.inf, F32), params),
-        grad_norm=zero_f, clipped_norm=zero_f, num_clipped=zero_i,
-        nonfinite_count=zero_i)
+        count=scalar(0, i32),
+        gamma=jax.tree.map(lambda _: scalar(jnp.inf), params),
+        grad_norm=scalar(0.0), clipped_norm=scalar(0.0),
+        num_clipped=scalar(0, i32), nonfinite_count=scalar(0, i32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -143,11 +142,11 @@ def adagc(
     gammas = treedef.flatten_up_to(state.gamma)
     gamma = (jnp.stack(gammas).astype(F32) if gammas
              else jnp.zeros([0], F32))
-    lam = _common.as_f32(lambda_rel)
-    b = _common.as_f32(beta)
-    e = _common.as_f32(eps)
+    lam = _numerics.as_f32(lambda_rel)
+    b = _numerics.as_f32(beta)
+    e = _numerics.as_f32(eps)
 
-    sq = _common.leaf_sq_sums(leaves, axis_name)
+    sq = _numerics.leaf_sq_sums(leaves, axis_name)
     norms = jnp.sqrt(sq)
     g = jnp.sqrt(jnp.sum(sq))
     finite_g = jnp.isfinite(g)
@@ -158,7 +157,7 @@ def adagc(
     f = jnp.ones([], F32)
     if max_grad_norm is not None:
       # cap / 0 = inf, so a zero norm gives min(1, inf) = 1, not NaN.
-      f = jnp.minimum(1.0, _common.as_f32(max_grad_norm) / (g + e))
+      f = jnp.minimum(1.0, _numerics.as_f32(max_grad_norm) / (g + e))
       f = jnp.where(finite_g, f, 1.0)
     warm_gamma = jnp.where(observed & finite_g,
                            jnp.minimum(gamma, f * norms), gamma)
@@ -175,14 +174,14 @@ def adagc(
     scales = jnp.where(warm, f, h)
     new_gamma = jnp.where(warm, warm_gamma, ema_gamma)
     out = treedef.unflatten(
-        [_common.scale_leaf(x, s) for x, s in zip(leaves, scales)])
+        [_numerics.scale_leaf(x, s) for x, s in zip(leaves, scales)])
     new_state = AdaGCState(
         count=optax.safe_increment(state.count),
         gamma=treedef.unflatten(list(new_gamma)),
         grad_norm=g,
         clipped_norm=jnp.sqrt(jnp.sum(sq * jnp.square(scales))),
         num_clipped=jnp.sum((scales < 1) & (norms > 0)).astype(jnp.int32),
-        nonfinite_count=_common.increment_where(~finite_g,
+        nonfinite_count=_numerics.increment_where(~finite_g,
                                                 state.nonfinite_count),
     )
     return out, new_state

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _common
-from optax_zclip._common import F32, AxisName
+from optax_zclip import _numerics, _validation
+from optax_zclip._numerics import F32, AxisName
 
 
 class AutoClipState(NamedTuple):
@@ -106,37 +106,36 @@ def autoclip(
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
-  _common.check_number("percentile", percentile, lambda v: 0 <= v <= 100,
+  _validation.check_number("percentile", percentile, lambda v: 0 <= v <= 100,
                        "in [0, 100]")
-  _common.check_int("window", window, 1, static=True)
+  _validation.check_int("window", window, 1, static=True)
   window = int(window)
 
   def init_fn(params):
     del params
-    zero_i = jnp.zeros([], jnp.int32)
-    zero_f = jnp.zeros([], F32)
+    i32, scalar = jnp.int32, _numerics.scalar
     return AutoClipState(
-        count=zero_i, history=jnp.zeros([window], F32), grad_norm=zero_f,
-        clipped_norm=zero_f, threshold=jnp.full([], jnp.inf, F32),
-        nonfinite_count=zero_i)
+        count=scalar(0, i32), history=jnp.zeros([window], F32),
+        grad_norm=scalar(0.0), clipped_norm=scalar(0.0),
+        threshold=scalar(jnp.inf), nonfinite_count=scalar(0, i32))
 
   def update_fn(updates, state, params=None):
     del params
-    g = _common.global_norm(updates, axis_name)
+    g = _numerics.global_norm(updates, axis_name)
     finite = jnp.isfinite(g)
     history = jnp.where(
         finite, state.history.at[state.count % window].set(g), state.history)
-    count = _common.increment_where(finite, state.count)
+    count = _numerics.increment_where(finite, state.count)
     n = jnp.minimum(count, window)
     threshold = jnp.where(
         n > 0, _percentile(history, jnp.maximum(n, 1),
-                           _common.as_f32(percentile)), jnp.inf)
-    scale = _common.clip_scale(g, threshold)
+                           _numerics.as_f32(percentile)), jnp.inf)
+    scale = _numerics.clip_scale(g, threshold)
     new_state = AutoClipState(
         count=count, history=history, grad_norm=g, clipped_norm=g * scale,
         threshold=threshold,
-        nonfinite_count=_common.increment_where(~finite,
+        nonfinite_count=_numerics.increment_where(~finite,
                                                 state.nonfinite_count))
-    return _common.scale_tree(updates, scale), new_state
+    return _numerics.scale_tree(updates, scale), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

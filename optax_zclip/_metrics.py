@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_zclip import _common
+from optax_zclip import _validation
 
 # Outputs are computed in blocks of at least this many steps, each with its
 # own reference value subtracted from the losses it reads (see `spike_mask`).
@@ -46,18 +46,18 @@ def _as_losses(losses: Any) -> np.ndarray:
 
 def _validate(window: Any, n_sigma: Any) -> tuple[int, float]:
   """Checks and converts the hyperparameters; raises ``ValueError``."""
-  _common.check_int("window", window, 2)  # Rejects bools and floats.
+  _validation.check_int("window", window, 2)  # Rejects bools and floats.
   try:
     window = operator.index(window)
   except TypeError:
     raise ValueError(
         f"`window` must be an integer >= 2; got {window!r}.") from None
-  _common.check_int("window", window, 2)
+  _validation.check_int("window", window, 2)
   arr = np.asarray(n_sigma)
   if arr.ndim != 0 or arr.dtype.kind not in "iuf":
     raise ValueError(f"`n_sigma` must be finite and > 0; got {n_sigma!r}.")
   n_sigma = float(arr)
-  _common.check_number("n_sigma", n_sigma, lambda v: v > 0, "finite and > 0")
+  _validation.check_number("n_sigma", n_sigma, lambda v: v > 0, "finite and > 0")
   return window, n_sigma
 
 

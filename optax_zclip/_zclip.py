@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _common
-from optax_zclip._common import F32, AxisName
+from optax_zclip import _numerics, _validation
+from optax_zclip._numerics import F32, AxisName
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean", "max")
@@ -60,15 +60,15 @@ class ZClipState(NamedTuple):
 
 
 def _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor):
-  _common.check_number("alpha", alpha, lambda v: 0 < v < 1,
+  _validation.check_number("alpha", alpha, lambda v: 0 < v < 1,
                        "in the open interval (0, 1)")
-  _common.check_number("z_thresh", z_thresh, lambda v: v > 0, "> 0")
+  _validation.check_number("z_thresh", z_thresh, lambda v: v > 0, "> 0")
   if max_grad_norm is not None:
-    _common.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
+    _validation.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
                          "None or > 0")
-  _common.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
-  _common.check_int("warmup_steps", warmup_steps, 1)
-  _common.check_number("clip_factor", clip_factor, lambda v: v > 0, "> 0")
+  _validation.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
+  _validation.check_int("warmup_steps", warmup_steps, 1)
+  _validation.check_number("clip_factor", clip_factor, lambda v: v > 0, "> 0")
 
 
 def _zscore(g, mean, std, eps):
@@ -185,31 +185,29 @@ def zclip(
     <https://arxiv.org/abs/2504.02507>`_, 2025. Reference code:
     https://github.com/bluorion-com/ZClip
   """
-  mode = _common.check_choice("mode", mode, MODES)
-  clip_option = _common.check_choice("clip_option", clip_option, CLIP_OPTIONS)
+  mode = _validation.check_choice("mode", mode, MODES)
+  clip_option = _validation.check_choice("clip_option", clip_option, CLIP_OPTIONS)
   _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor)
-  _common.check_bool("skip_update_on_spike", skip_update_on_spike)
+  _validation.check_bool("skip_update_on_spike", skip_update_on_spike)
 
   def init_fn(params):
     del params
-    zero_i = jnp.zeros([], jnp.int32)
-    zero_f = jnp.zeros([], F32)
-    threshold = (jnp.full([], jnp.inf, F32) if max_grad_norm is None
-                 else _common.as_f32(max_grad_norm))
+    i32, scalar = jnp.int32, _numerics.scalar
     return ZClipState(
-        count=zero_i, mean=zero_f, var=zero_f, grad_norm=zero_f,
-        clipped_norm=zero_f, z_score=zero_f, threshold=threshold,
-        spike_count=zero_i, nonfinite_count=zero_i)
+        count=scalar(0, i32), mean=scalar(0.0), var=scalar(0.0),
+        grad_norm=scalar(0.0), clipped_norm=scalar(0.0), z_score=scalar(0.0),
+        threshold=scalar(jnp.inf if max_grad_norm is None else max_grad_norm),
+        spike_count=scalar(0, i32), nonfinite_count=scalar(0, i32))
 
   def update_fn(updates, state, params=None):
     del params
-    a = _common.as_f32(alpha)
-    zt = _common.as_f32(z_thresh)
-    e = _common.as_f32(eps)
+    a = _numerics.as_f32(alpha)
+    zt = _numerics.as_f32(z_thresh)
+    e = _numerics.as_f32(eps)
     mean, var = state.mean, state.var
     std = jnp.sqrt(var)
 
-    g = _common.global_norm(updates, axis_name)
+    g = _numerics.global_norm(updates, axis_name)
     finite = jnp.isfinite(g)
     warm = state.count < warmup_steps
     z = _zscore(g, mean, std, e)
@@ -221,7 +219,7 @@ def zclip(
         # Only read on a spike, where z > z_thresh > 0; the placeholder keeps
         # the unused branch free of 0/0.
         safe_z = jnp.where(is_spike, z, 1.0)
-        c = (mean + zt * zt * std / safe_z) * _common.as_f32(clip_factor)
+        c = (mean + zt * zt * std / safe_z) * _numerics.as_f32(clip_factor)
       elif clip_option == "mean":
         c = mean
       else:
@@ -235,11 +233,11 @@ def zclip(
     limit = jnp.where(is_spike, c, g)
     threshold = jnp.where(warm, jnp.inf, bound)
     if max_grad_norm is not None:
-      cap = _common.as_f32(max_grad_norm)
+      cap = _numerics.as_f32(max_grad_norm)
       limit = jnp.minimum(limit, cap)
       threshold = jnp.minimum(threshold, cap)
-    scale = _common.clip_scale(g, limit, e)
-    updates = _common.scale_tree(updates, scale)
+    scale = _numerics.clip_scale(g, limit, e)
+    updates = _numerics.scale_tree(updates, scale)
 
     # Statistics. Warm-up: running (Welford) mean and population variance of
     # the raw norms, so that after `warmup_steps` norms they equal the
@@ -257,15 +255,15 @@ def zclip(
     new_var = jnp.where(keep, var, jnp.where(warm, w_var, e_var))
 
     new_state = ZClipState(
-        count=_common.increment_where(finite, state.count),
+        count=_numerics.increment_where(finite, state.count),
         mean=new_mean,
         var=new_var,
         grad_norm=g,
         clipped_norm=g * scale,
         z_score=jnp.where(warm, 0.0, z).astype(F32),
         threshold=threshold.astype(F32),
-        spike_count=_common.increment_where(is_spike, state.spike_count),
-        nonfinite_count=_common.increment_where(~finite,
+        spike_count=_numerics.increment_where(is_spike, state.spike_count),
+        nonfinite_count=_numerics.increment_where(~finite,
                                                 state.nonfinite_count),
     )
     return updates, new_state
