@@ -119,14 +119,17 @@ def adagc(
     Wang et al., `AdaGC: Improving Training Stability for Large Language
     Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
   """
-  _validation.check_number("lambda_rel", lambda_rel, lambda v: v > 0, "> 0")
-  _validation.check_number("beta", beta, lambda v: 0 < v < 1,
-                       "in the open interval (0, 1)")
-  _validation.check_int("warmup_steps", warmup_steps, 1)
+  check = _validation.check_number
+  check("lambda_rel", lambda_rel, lambda v: v > 0, "finite and > 0",
+        float32=True)
+  check("beta", beta, lambda v: 0 < v < 1, "in the open interval (0, 1)",
+        float32=True)
+  _validation.check_int("warmup_steps", warmup_steps, 1,
+                        _validation.INT32_MAX)
   if max_grad_norm is not None:
-    _validation.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
-                         "None or > 0")
-  _validation.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
+    check("max_grad_norm", max_grad_norm, lambda v: v > 0,
+          "None or > 0 (inf: no cap)", float32=True, inf_ok=True)
+  check("eps", eps, lambda v: v >= 0, "finite and >= 0", float32=True)
 
   def init_fn(params):
     i32, scalar = jnp.int32, _numerics.scalar
@@ -146,9 +149,8 @@ def adagc(
     b = _numerics.as_f32(beta)
     e = _numerics.as_f32(eps)
 
-    sq = _numerics.leaf_sq_sums(leaves, axis_name)
-    norms = jnp.sqrt(sq)
-    g = jnp.sqrt(jnp.sum(sq))
+    norms = _numerics.leaf_norms(updates, axis_name)
+    g = _numerics.norm_of_norms(norms)
     finite_g = jnp.isfinite(g)
     observed = jnp.isfinite(norms) & (norms > 0)
     warm = state.count < warmup_steps
@@ -173,13 +175,13 @@ def adagc(
 
     scales = jnp.where(warm, f, h)
     new_gamma = jnp.where(warm, warm_gamma, ema_gamma)
-    out = treedef.unflatten(
-        [_numerics.scale_leaf(x, s) for x, s in zip(leaves, scales)])
+    out = treedef.unflatten([_numerics.scale_leaf(x, s)
+                             for x, s in zip(leaves, scales, strict=True)])
     new_state = AdaGCState(
         count=optax.safe_increment(state.count),
         gamma=treedef.unflatten(list(new_gamma)),
         grad_norm=g,
-        clipped_norm=jnp.sqrt(jnp.sum(sq * jnp.square(scales))),
+        clipped_norm=_numerics.norm_of_norms(norms * scales),
         num_clipped=jnp.sum((scales < 1) & (norms > 0)).astype(jnp.int32),
         nonfinite_count=_numerics.increment_where(~finite_g,
                                                 state.nonfinite_count),

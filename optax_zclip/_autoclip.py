@@ -107,7 +107,7 @@ def autoclip(
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
   _validation.check_number("percentile", percentile, lambda v: 0 <= v <= 100,
-                       "in [0, 100]")
+                           "in [0, 100]", float32=True)
   _validation.check_int("window", window, 1, static=True)
   window = int(window)
 

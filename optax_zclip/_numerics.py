@@ -8,28 +8,72 @@ same for all of them. Argument checking lives in `_validation`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 # A mesh axis name, or a tuple of them, as accepted by `jax.lax.psum`.
-AxisName = Union[Hashable, Sequence[Hashable], None]
+AxisName = Hashable | Sequence[Hashable] | None
 
 F32 = jnp.float32
 
 
-def _leaf_sq_sum(x: jax.Array) -> jax.Array:
-  # Square in float32: bf16/f16 squares lose most of their mantissa and f16
-  # overflows above 256, and a low-precision sum over millions of elements
-  # drifts far from the true value.
+# The largest float32: a norm that would overflow float32 is reported as this
+# (see `global_norm`).
+F32_MAX = float(jnp.finfo(F32).max)
+
+# In the rescaled pass every element is brought below 2**_RESCALED_MAX_LOG2,
+# so its square stays below 2**64 and a sum of up to 2**64 of them is finite;
+# the factor that does it is then at least 2**-96, a normal float32 (a
+# subnormal factor would be flushed to zero on CPU).
+_RESCALED_MAX_LOG2 = 32
+
+
+def check_float_leaves(tree: Any) -> list[jax.Array]:
+  """The leaves of ``tree``, after checking that each is floating point.
+
+  An integer or bool leaf (or JAX's ``float0``, what `jax.grad` gives for
+  integer inputs) is no gradient, and scaling it would truncate it, so it is
+  refused when the update is traced (dtypes are static: no host sync).
+
+  Raises:
+    ValueError: naming the first such leaf's path and dtype.
+  """
+  leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, x in leaves_with_paths:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      where = jax.tree_util.keystr(path) or "(the root)"
+      raise ValueError(
+          "the updates must be floating-point (or complex) arrays; the leaf "
+          f"at {where} has dtype {dtype}. An integer or bool leaf has no "
+          "gradient: leave it out of the tree passed to the transform (for "
+          "example with optax.masked).")
+  return [x for _, x in leaves_with_paths]
+
+
+def _real_f32(x: jax.Array) -> jax.Array:
   x = jnp.asarray(x)
   if jnp.iscomplexobj(x):
     x = jnp.abs(x)
-  x = x.astype(F32)
+  return x.astype(F32)
+
+
+def _leaf_sq_sum(x: jax.Array, factor: jax.Array | None = None) -> jax.Array:
+  # Square in float32: bf16/f16 squares lose most of their mantissa and f16
+  # overflows above 256, and a low-precision sum over millions of elements
+  # drifts far from the true value.
+  x = _real_f32(x)
+  if factor is not None:
+    x = x * factor
   return jnp.sum(x * x)
+
+
+def _leaf_max_abs(x: jax.Array) -> jax.Array:
+  return jnp.max(jnp.abs(_real_f32(x)), initial=0.0)
 
 
 def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -38,27 +82,107 @@ def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
   return jax.lax.psum(x, axis_name)
 
 
+def _pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  if axis_name is None:
+    return x
+  return jax.lax.pmax(x, axis_name)
+
+
+def _rescaled_norm(max_abs: jax.Array, sq_sum_times: Callable[
+    [jax.Array], jax.Array]) -> jax.Array:
+  """The norm of arrays whose float32 sum of squares overflowed.
+
+  Args:
+    max_abs: the largest absolute element (the same on every device).
+    sq_sum_times: maps a factor to the sum of squares of the arrays times
+      that factor (psum-ed, if they are split over devices).
+
+  Returns:
+    The norm, as exact as float32 allows; ``F32_MAX`` if it exceeds that
+    (only when elements come within a factor ``sqrt(size)`` of float32's
+    largest value); ``inf`` if ``max_abs`` is: an Inf element.
+  """
+  # A power of two, so that multiplying by it and back is exact.
+  _, exponent = jnp.frexp(max_abs)
+  shift = jnp.minimum(_RESCALED_MAX_LOG2 - exponent, 0)
+  norm = jnp.sqrt(sq_sum_times(jnp.ldexp(jnp.ones_like(max_abs), shift)))
+  norm = jnp.minimum(norm * jnp.ldexp(jnp.ones_like(max_abs), -shift),
+                     F32_MAX)
+  return jnp.where(jnp.isfinite(max_abs), norm, jnp.inf)
+
+
 def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
   """Float32 L2 norm of all leaves of ``tree`` together.
 
   With ``axis_name`` the local squared sum is summed over that mesh axis before
   the square root, so each device may hold only a slice of the gradients.
   An empty tree has norm 0.
+
+  The norm is finite whenever every element is: if the float32 sum of
+  squares overflows (a norm above about 1.8e19), it is recomputed on the
+  leaves rescaled by a power of two near their largest absolute element.
+  That second pass runs under `jax.lax.cond`, only on such a step; its
+  predicate comes from the ``psum``-ed sum, so every device takes the same
+  branch. A norm beyond float32's range (elements near 3.4e38) is reported
+  as float32's largest value rather than ``inf``, so the step still counts
+  as finite and is clipped. NaN or Inf elements give a NaN or Inf norm.
+
+  Raises:
+    ValueError: if a leaf is not floating point (`check_float_leaves`).
   """
-  leaves = jax.tree.leaves(tree)
-  sq = sum((_leaf_sq_sum(x) for x in leaves), jnp.zeros([], F32))
-  return jnp.sqrt(_psum(sq, axis_name))
+  leaves = check_float_leaves(tree)
+  if not leaves:
+    return jnp.zeros([], F32)
+  sq = _psum(sum(_leaf_sq_sum(x) for x in leaves), axis_name)
+
+  def rescaled():
+    max_abs = _pmax(jnp.max(jnp.stack([_leaf_max_abs(x) for x in leaves])),
+                    axis_name)
+    return _rescaled_norm(max_abs, lambda f: _psum(
+        sum(_leaf_sq_sum(x, f) for x in leaves), axis_name))
+
+  return jax.lax.cond(jnp.isinf(sq), rescaled, lambda: jnp.sqrt(sq))
 
 
-def leaf_sq_sums(leaves: Sequence[jax.Array],
-                 axis_name: AxisName = None) -> jax.Array:
-  """Float32 squared L2 norm of each array in ``leaves``, as one vector.
+def leaf_norms(tree: Any, axis_name: AxisName = None) -> jax.Array:
+  """Float32 L2 norm of each leaf of ``tree``, as one vector.
 
-  With ``axis_name`` all the per-leaf sums travel in a single ``psum``.
+  With ``axis_name`` all the per-leaf squared sums travel in a single
+  ``psum``. As in `global_norm`, a leaf whose float32 sum of squares
+  overflows has its norm recomputed after rescaling, under `jax.lax.cond`
+  (taken on every device alike), and is at most float32's largest value
+  unless it holds an Inf; a NaN element gives a NaN norm.
+
+  Raises:
+    ValueError: if a leaf is not floating point (`check_float_leaves`).
   """
+  leaves = check_float_leaves(tree)
   if not leaves:
     return jnp.zeros([0], F32)
-  return _psum(jnp.stack([_leaf_sq_sum(x) for x in leaves]), axis_name)
+  sq = _psum(jnp.stack([_leaf_sq_sum(x) for x in leaves]), axis_name)
+
+  def rescaled():
+    max_abs = _pmax(jnp.stack([_leaf_max_abs(x) for x in leaves]), axis_name)
+    norms = _rescaled_norm(max_abs, lambda f: _psum(jnp.stack(
+        [_leaf_sq_sum(x, fi) for x, fi in zip(leaves, f, strict=True)]),
+                                                 axis_name))
+    # Leaves that did not overflow keep the first pass's norm (NaN stays NaN).
+    return jnp.where(jnp.isinf(sq), norms, jnp.sqrt(sq))
+
+  return jax.lax.cond(jnp.any(jnp.isinf(sq)), rescaled, lambda: jnp.sqrt(sq))
+
+
+def norm_of_norms(norms: jax.Array) -> jax.Array:
+  """``sqrt(sum(norms ** 2))`` without overflow, for a vector of norms.
+
+  Finite norms give a finite result (at most float32's largest value, as in
+  `global_norm`); a NaN or Inf norm gives NaN or Inf. An empty vector gives 0.
+  """
+  big = jnp.max(norms, initial=0.0)
+  ok = jnp.isfinite(big) & (big > 0)
+  unit = jnp.where(ok, big, 1.0)
+  total = unit * jnp.sqrt(jnp.sum(jnp.square(norms / unit)))
+  return jnp.where(ok, jnp.minimum(total, F32_MAX), total)
 
 
 def clip_scale(norm: jax.Array, limit: jax.Array,

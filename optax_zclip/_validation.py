@@ -1,10 +1,12 @@
 """Validation of hyperparameters when a transform is built.
 
-Concrete Python/NumPy values are checked in full; a value that is neither a
-real number nor a scalar array (a string, None, a bool, a vector) is rejected.
-Under `optax.inject_hyperparams` the factory receives scalar jax arrays (often
-tracers), whose values must not be pulled to the host: only their rank and
-dtype are checked.
+Concrete values (Python and NumPy numbers, 0-d NumPy arrays, and jax arrays
+that are not tracers) are checked in full; a value that is neither a real
+number nor a scalar array (a string, None, a bool, a vector) is rejected.
+Inside `jax.jit` (for instance under `optax.inject_hyperparams` in a jitted
+update) the factory receives tracers, whose values cannot be read: only
+their rank and dtype are checked, so no host sync ever happens in a jitted
+step.
 
 No jitted computation happens here, so the host-side spike metrics use it too.
 """
@@ -20,6 +22,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The step counters are int32 and saturate there (`optax.safe_increment`).
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _tracer(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _on_host(value: Any) -> Any:
+  """A concrete (non-tracer) jax array as a NumPy array; else ``value``.
+
+  Reading it is a device-to-host copy when the transform is built, outside
+  any jitted step.
+  """
+  if isinstance(value, jax.Array) and not _tracer(value):
+    return np.asarray(value)
+  return value
+
 
 def _concrete(value: Any) -> float | None:
   """A real number or 0-d NumPy array as a float, else None (bools too)."""
@@ -33,55 +53,94 @@ def _concrete(value: Any) -> float | None:
   return None
 
 
-def _jax_scalar(value: Any) -> bool:
-  """Whether ``value`` is a real scalar jax array, perhaps a tracer.
+def _traced_scalar(value: Any) -> bool:
+  """Whether ``value`` is a real scalar tracer.
 
-  Its value is not read (that would sync with the host, or fail on a
-  tracer), but its rank and dtype are static and are checked.
+  Its value cannot be read, but its rank and dtype are static and are
+  checked.
   """
-  return (isinstance(value, jax.Array) and value.ndim == 0
+  return (_tracer(value) and value.ndim == 0
           and jnp.dtype(value.dtype).kind in "iuf")
 
 
 def check_number(name: str, value: Any, ok: Callable[[float], bool],
-                 allowed: str) -> None:
+                 allowed: str, *, float32: bool = False,
+                 inf_ok: bool = False) -> None:
   """Raises ``ValueError`` unless ``value`` is a real number that passes ``ok``.
 
-  A scalar jax array (what `optax.inject_hyperparams` passes) is accepted
-  without reading its value; anything else that is not a real number (a
-  string, None, a bool, an array of rank > 0) is rejected.
+  A scalar tracer (what `optax.inject_hyperparams` passes inside `jax.jit`)
+  is accepted without reading its value; a concrete jax array is read.
+  Anything else that is not a real number (a string, None, a bool, an
+  array of rank > 0) is rejected, and so are NaN and, unless ``inf_ok``,
+  +-inf.
+
+  Args:
+    name: the argument's name, for the message.
+    value: the value to check.
+    ok: the range check, on the value as a float.
+    allowed: what is allowed, for the message ("must be {allowed}").
+    float32: check the value rounded to float32, the precision the
+      transform computes in (so that, say, 0.9999999999 is not taken for a
+      number below 1: it is 1.0 in float32, and values beyond float32's
+      range are inf).
+    inf_ok: accept +inf itself (if ``ok`` passes it), but not a finite value
+      that is inf in float32.
   """
-  if _jax_scalar(value):
+  value_here = _on_host(value)
+  if _traced_scalar(value_here):
     return
-  v = _concrete(value)
-  if v is None or not (math.isfinite(v) and ok(v)):
+  v = _concrete(value_here)
+  if v is None:
+    raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
+
+  def passes(x: float) -> bool:
+    return (math.isfinite(x) or (inf_ok and x == math.inf)) and ok(x)
+
+  if float32:
+    with np.errstate(over="ignore"):
+      v32 = float(np.float32(v))
+    # A finite value beyond float32's range is refused even where inf is
+    # allowed: converting it would overflow (and warn); pass inf itself.
+    overflows = math.isfinite(v) and not math.isfinite(v32)
+    if passes(v) and (overflows or not passes(v32)):
+      raise ValueError(f"`{name}` must be {allowed}; got {value!r}, which is "
+                       f"{v32!r} in float32, the precision the transform "
+                       "computes in.")
+    v = v32
+  if not passes(v):
     raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
 
 
-def check_int(name: str, value: Any, minimum: int, *,
-              static: bool = False) -> None:
-  """Raises ``ValueError`` unless ``value`` is an integer >= ``minimum``.
+def check_int(name: str, value: Any, minimum: int,
+              maximum: int | None = None, *, static: bool = False) -> None:
+  """Raises ``ValueError`` unless ``value`` is an integer in range.
 
-  Bools and floats (even integral ones) are rejected; a scalar jax array is
-  accepted without reading its value, as in `check_number`, unless
-  ``static``: a value that sets a shape must be a Python or NumPy integer.
+  The range is ``[minimum, maximum]`` (no upper bound when ``maximum`` is
+  None). Bools and floats (even integral ones) are rejected; a scalar
+  tracer is accepted without reading its value and a concrete jax array is
+  read, as in `check_number`, unless ``static``: a value that sets a shape
+  must be a Python or NumPy integer.
   """
-  if _jax_scalar(value):
-    if static:
-      raise ValueError(
-          f"`{name}` must be a Python int (it sets the state's shape); got a "
-          "jax array. With optax.inject_hyperparams pass "
-          f"static_args=('{name}',).")
+  allowed = (f"an integer >= {minimum}" if maximum is None
+             else f"an integer in [{minimum}, {maximum}]")
+  if static and isinstance(value, jax.Array):
+    raise ValueError(
+        f"`{name}` must be a Python int (it sets the state's shape); got a "
+        "jax array. With optax.inject_hyperparams pass "
+        f"static_args=('{name}',).")
+  value_here = _on_host(value)
+  if _traced_scalar(value_here):
     return
   integral = (
-      isinstance(value, (numbers.Integral, np.integer))
-      or (isinstance(value, np.ndarray) and value.ndim == 0
-          and value.dtype.kind in "iu"))
-  if not integral or isinstance(value, (bool, np.bool_)):
-    raise ValueError(
-        f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-  check_number(name, value, lambda v: v >= minimum,
-               f"an integer >= {minimum}")
+      isinstance(value_here, (numbers.Integral, np.integer))
+      or (isinstance(value_here, np.ndarray) and value_here.ndim == 0
+          and value_here.dtype.kind in "iu"))
+  if not integral or isinstance(value_here, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
+  # Compared as Python ints: a float would round integers above 2**53.
+  i = int(value_here)
+  if i < minimum or (maximum is not None and i > maximum):
+    raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
 
 
 def check_bool(name: str, value: Any) -> None:

@@ -60,15 +60,19 @@ class ZClipState(NamedTuple):
 
 
 def _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor):
-  _validation.check_number("alpha", alpha, lambda v: 0 < v < 1,
-                       "in the open interval (0, 1)")
-  _validation.check_number("z_thresh", z_thresh, lambda v: v > 0, "> 0")
+  check = _validation.check_number
+  check("alpha", alpha, lambda v: 0 < v < 1, "in the open interval (0, 1)",
+        float32=True)
+  check("z_thresh", z_thresh, lambda v: v > 0, "finite and > 0",
+        float32=True)
   if max_grad_norm is not None:
-    _validation.check_number("max_grad_norm", max_grad_norm, lambda v: v > 0,
-                         "None or > 0")
-  _validation.check_number("eps", eps, lambda v: v >= 0, "finite and >= 0")
-  _validation.check_int("warmup_steps", warmup_steps, 1)
-  _validation.check_number("clip_factor", clip_factor, lambda v: v > 0, "> 0")
+    check("max_grad_norm", max_grad_norm, lambda v: v > 0,
+          "None or > 0 (inf: no cap)", float32=True, inf_ok=True)
+  check("eps", eps, lambda v: v >= 0, "finite and >= 0", float32=True)
+  _validation.check_int("warmup_steps", warmup_steps, 1,
+                        _validation.INT32_MAX)
+  check("clip_factor", clip_factor, lambda v: v > 0, "finite and > 0",
+        float32=True)
 
 
 def _zscore(g, mean, std, eps):
@@ -186,7 +190,8 @@ def zclip(
     https://github.com/bluorion-com/ZClip
   """
   mode = _validation.check_choice("mode", mode, MODES)
-  clip_option = _validation.check_choice("clip_option", clip_option, CLIP_OPTIONS)
+  clip_option = _validation.check_choice("clip_option", clip_option,
+                                         CLIP_OPTIONS)
   _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor)
   _validation.check_bool("skip_update_on_spike", skip_update_on_spike)
 
@@ -229,6 +234,9 @@ def zclip(
       is_spike = g > bound
       c = bound
     is_spike = is_spike & finite & ~warm
+    # Statistics fed with norms up to float32's max (see below) would make
+    # `c` overflow with clip_factor > 1.
+    c = jnp.minimum(c, _numerics.F32_MAX)
 
     limit = jnp.where(is_spike, c, g)
     threshold = jnp.where(warm, jnp.inf, bound)
@@ -251,8 +259,13 @@ def zclip(
     e_mean = a * mean + (1 - a) * x
     e_var = a * var + (1 - a) * jnp.square(x - e_mean)
     keep = ~finite | (is_spike & skip_update_on_spike)
-    new_mean = jnp.where(keep, mean, jnp.where(warm, w_mean, e_mean))
-    new_var = jnp.where(keep, var, jnp.where(warm, w_var, e_var))
+    # A finite norm may be as large as float32's max (global_norm), and its
+    # square overflows. The statistics saturate there instead of becoming
+    # inf: an inf var would turn the next warm-up update into inf - inf =
+    # NaN, and would never decay afterwards.
+    sat = lambda v: jnp.minimum(v, _numerics.F32_MAX)  # noqa: E731
+    new_mean = jnp.where(keep, mean, sat(jnp.where(warm, w_mean, e_mean)))
+    new_var = jnp.where(keep, var, sat(jnp.where(warm, w_var, e_var)))
 
     new_state = ZClipState(
         count=_numerics.increment_where(finite, state.count),

@@ -29,48 +29,66 @@ LOSSES = [3.0, 2.9, 2.8, 2.7, 9.0, 2.6]
 
 # (functions, argument, allowed, bad values). The first bad value gives the
 # example message of the README table.
+# Python floats that float32, the precision the transforms compute in, turns
+# into 1.0, 0.0 and inf.
+ROUNDS_TO_1, ROUNDS_TO_0, ROUNDS_TO_INF = 0.9999999999, 1e-50, 1e39
+INT32_MAX = 2**31 - 1
+
+# (functions, argument, allowed, bad values). The first bad value gives the
+# example message of the README table.
 TABLE = [
-    ("zclip", "alpha", "float in (0, 1)",
-     [1.0, 0.0, -0.5, 1.5, NAN, INF, "0.5", None, np.array([0.5]),
-      jnp.full(2, 0.5), [0.5], 0.5 + 0j, True, np.bool_(True),
-      jnp.asarray(True)]),
-    ("zclip", "z_thresh", "float > 0",
-     [0.0, -1.0, INF, NAN, "2.5", None, np.array([2.5]), (2.5,), True,
-      np.array(True)]),
-    ("zclip", "max_grad_norm", "float > 0, or None",
-     [0.0, -1.0, NAN, INF, "1.0", np.array([1.0, 2.0]), jnp.ones((1, 1))]),
-    ("zclip", "eps", "finite float >= 0",
-     [-1e-6, INF, NAN, "1e-6", None, np.ones((1, 1))]),
-    ("zclip", "warmup_steps", "integer >= 1",
-     [0, -3, 2.5, 25.0, np.float64(25.0), np.array(2.5), True, "25", None,
+    ("zclip", "alpha", "float in (0, 1), in float32",
+     [1.0, 0.0, -0.5, 1.5, NAN, INF, ROUNDS_TO_1, ROUNDS_TO_0, 1 - 1e-9,
+      jnp.asarray(1.0), np.float64(ROUNDS_TO_1), "0.5", None,
+      np.array([0.5]), jnp.full(2, 0.5), [0.5], 0.5 + 0j, True,
+      np.bool_(True), jnp.asarray(True)]),
+    ("zclip", "z_thresh", "finite float > 0, in float32",
+     [0.0, -1.0, INF, NAN, ROUNDS_TO_INF, ROUNDS_TO_0, jnp.asarray(-1.0),
+      "2.5", None, np.array([2.5]), (2.5,), True, np.array(True)]),
+    ("zclip", "max_grad_norm", "float > 0, inf (no cap), or None",
+     [0.0, -1.0, -INF, NAN, ROUNDS_TO_0, ROUNDS_TO_INF, jnp.asarray(0.0),
+      "1.0",
+      np.array([1.0, 2.0]), jnp.ones((1, 1))]),
+    ("zclip", "eps", "finite float >= 0, in float32",
+     [-1e-6, INF, NAN, ROUNDS_TO_INF, jnp.asarray(-1.0), "1e-6", None,
+      np.ones((1, 1))]),
+    ("zclip", "warmup_steps", "integer in [1, 2**31 - 1]",
+     [0, -3, INT32_MAX + 1, np.int64(2**40), jnp.asarray(0), 2.5, 25.0,
+      np.float64(25.0), np.array(2.5), jnp.asarray(25.0), True, "25", None,
       np.array([25])]),
     ("zclip", "mode", '"zscore" or "percentile" (any case)',
      ["z-score", "", None, 3, ["zscore"]]),
     ("zclip", "clip_option", '"adaptive_scaling", "mean" or "max" (any case)',
      ["adaptive", None, 3, "percentile"]),
-    ("zclip", "clip_factor", "float > 0",
-     [0.0, -0.5, INF, NAN, "1", None, np.array([1.0])]),
+    ("zclip", "clip_factor", "finite float > 0, in float32",
+     [0.0, -0.5, INF, NAN, ROUNDS_TO_INF, ROUNDS_TO_0, jnp.asarray(0.0), "1",
+      None, np.array([1.0])]),
     ("zclip", "skip_update_on_spike", "bool",
      ["yes", None, 1, 0.0, np.array([True])]),
-    ("adagc", "lambda_rel", "float > 0",
-     [0.0, -1.0, INF, NAN, "1.05", None, np.array([1.05])]),
-    ("adagc", "beta", "float in (0, 1)",
-     [1.0, 0.0, -0.1, NAN, "0.98", None, np.array([0.98, 0.99])]),
-    ("adagc", "warmup_steps", "integer >= 1",
-     [0, -1, 2.5, 100.0, True, "100", None, np.array([100])]),
-    ("adagc", "max_grad_norm", "float > 0, or None",
-     [0.0, -2.0, NAN, INF, "1", [1.0]]),
-    ("adagc", "eps", "finite float >= 0",
-     [-1.0, INF, NAN, "0", None, np.array([0.0])]),
+    ("adagc", "lambda_rel", "finite float > 0, in float32",
+     [0.0, -1.0, INF, NAN, ROUNDS_TO_INF, ROUNDS_TO_0, jnp.asarray(-1.0),
+      "1.05", None, np.array([1.05])]),
+    ("adagc", "beta", "float in (0, 1), in float32",
+     [1.0, 0.0, -0.1, NAN, ROUNDS_TO_1, ROUNDS_TO_0, jnp.asarray(1.0),
+      "0.98", None, np.array([0.98, 0.99])]),
+    ("adagc", "warmup_steps", "integer in [1, 2**31 - 1]",
+     [0, -1, INT32_MAX + 1, jnp.asarray(-1), 2.5, 100.0, True, "100", None,
+      np.array([100])]),
+    ("adagc", "max_grad_norm", "float > 0, inf (no cap), or None",
+     [0.0, -2.0, -INF, NAN, ROUNDS_TO_0, ROUNDS_TO_INF, "1", [1.0]]),
+    ("adagc", "eps", "finite float >= 0, in float32",
+     [-1.0, INF, NAN, ROUNDS_TO_INF, "0", None, np.array([0.0])]),
     ("autoclip", "percentile", "float in [0, 100]",
-     [100.5, -1.0, NAN, INF, "10", None, np.array([10.0, 20.0])]),
+     [100.5, -1.0, NAN, INF, jnp.asarray(101.0), "10", None,
+      np.array([10.0, 20.0])]),
     ("autoclip", "window", "Python integer >= 1 (not a jax array)",
      [0, -1, 2.0, 1.5, True, "8", None, np.array([8]), jnp.asarray(8)]),
     (METRICS, "losses", "1-D array-like of real numbers",
      [np.zeros((2, 3)), 3.0, [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
       [1.0, None], "loss"]),
     (METRICS, "window", "integer >= 2",
-     [1, 0, -5, 2.0, 10.5, True, None, "10", [10], np.array([10])]),
+     [1, 0, -5, 2.0, 10.5, True, None, "10", [10], np.array([10]),
+      jnp.asarray(1)]),
     (METRICS, "n_sigma", "finite float > 0",
      [0, -1.0, INF, NAN, None, "7", [7.0], np.array([7.0])]),
 ]
@@ -112,6 +130,9 @@ def test_the_table_covers_every_argument_of_every_public_function():
     assert covered[fn] == params - {"axis_name"}, fn
 
 
+# The largest float32 below 1.
+BELOW_1 = float(np.nextafter(np.float32(1), np.float32(0)))
+
 GOOD = [
     ("zclip", dict(alpha=np.float32(0.5), z_thresh=np.array(0.1),
                    max_grad_norm=None, eps=0, warmup_steps=np.int64(1),
@@ -120,10 +141,19 @@ GOOD = [
     ("zclip", dict(alpha=1e-9, z_thresh=1e9, max_grad_norm=1e-30,
                    eps=0.0, warmup_steps=np.array(10**9),
                    skip_update_on_spike=np.array(False))),
+    ("zclip", dict(alpha=BELOW_1, max_grad_norm=INF, warmup_steps=INT32_MAX,
+                   eps=ROUNDS_TO_0)),
+    ("zclip", dict(alpha=jnp.asarray(0.5), z_thresh=jnp.asarray(2.0),
+                   max_grad_norm=jnp.asarray(INF), eps=jnp.asarray(0.0),
+                   warmup_steps=jnp.asarray(3), clip_factor=jnp.asarray(2),
+                   skip_update_on_spike=jnp.asarray(True))),
     ("adagc", dict(lambda_rel=1e-9, beta=0.999999, warmup_steps=1,
                    max_grad_norm=None, eps=0)),
+    ("adagc", dict(beta=BELOW_1, max_grad_norm=INF,
+                   warmup_steps=INT32_MAX, lambda_rel=jnp.asarray(1.05))),
     ("autoclip", dict(percentile=0, window=1)),
     ("autoclip", dict(percentile=np.float64(100.0), window=np.int32(7))),
+    ("autoclip", dict(percentile=jnp.asarray(100.0))),
 ]
 
 
@@ -144,17 +174,30 @@ def test_metric_edge_values_are_accepted(fn):
     getattr(optax_zclip, fn)(LOSSES, window=window, n_sigma=n_sigma)
 
 
-def test_traced_values_are_not_checked_at_build_time():
-  # Under inject_hyperparams the factory gets jax arrays (tracers inside
-  # jit): their value cannot be read without a host sync, so an out-of-range
-  # injected value is the caller's responsibility. Their rank is checked.
-  tx = optax.inject_hyperparams(optax_zclip.zclip)(alpha=1.5)
-  state = tx.init({"w": jnp.ones(2)})
+def test_concrete_jax_arrays_are_checked_and_tracers_are_not():
+  params = {"w": jnp.ones(2)}
+  # Outside jit, inject_hyperparams builds the transform from concrete jax
+  # arrays: they are read and checked.
+  bad = optax.inject_hyperparams(optax_zclip.zclip)(alpha=1.5)
+  with pytest.raises(ValueError,
+                     match=r"^`alpha` must be .*; got Array\(1\.5"):
+    bad.init(params)
+  good = optax.inject_hyperparams(optax_zclip.zclip)(alpha=0.5)
+  out, _ = good.update(params, good.init(params))  # eager: read and used
+  # Warm-up: clipped to max_grad_norm=1 from the norm sqrt(2).
+  np.testing.assert_allclose(out["w"], 1 / (math.sqrt(2) + 1e-6), rtol=1e-6)
+  # Inside jit the factory gets tracers: their value cannot be read without
+  # a host sync, so an out-of-range injected value is the caller's
+  # responsibility; no transfer happens. Their rank is checked.
+  state = jax.jit(bad.init)(params)
   assert float(state.hyperparams["alpha"]) == 1.5
-  jax.jit(tx.update)({"w": jnp.ones(2)}, state)
+  state, params = jax.device_put((state, params))
+  step = jax.jit(bad.update)
+  with jax.transfer_guard("disallow"):
+    step(params, state)
   with pytest.raises(ValueError, match="^`alpha` must be "):
-    optax.inject_hyperparams(optax_zclip.zclip)(
-        alpha=jnp.full(3, 0.5)).init({"w": jnp.ones(2)})
+    jax.jit(optax.inject_hyperparams(optax_zclip.zclip)(
+        alpha=jnp.full(3, 0.5)).init)(params)
 
 
 def errors_markdown() -> str:
