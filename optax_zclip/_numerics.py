@@ -47,9 +47,10 @@ def check_float_leaves(tree: Any) -> list[jax.Array]:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.inexact):
       where = jax.tree_util.keystr(path) or "(the root)"
+      name = "float0" if dtype == jax.dtypes.float0 else dtype.name
       raise ValueError(
           "the updates must be floating-point (or complex) arrays; the leaf "
-          f"at {where} has dtype {dtype}. An integer or bool leaf has no "
+          f"at {where} has dtype {name}. An integer or bool leaf has no "
           "gradient: leave it out of the tree passed to the transform (for "
           "example with optax.masked).")
   return [x for _, x in leaves_with_paths]

@@ -7,19 +7,22 @@ values for every constraint: out of range, non-finite, the wrong type
 integer), and arrays of the wrong rank. Each bad value must raise
 `ValueError` at call (build) time, with the argument's name in backticks.
 `errors_markdown` renders the table, with the messages obtained by calling
-the functions, as the README's "Errors" section.
+the functions, as the README's "Errors" section; a test checks that the
+README holds exactly that, and ``python tests/test_errors.py`` rewrites it.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from references import make_sequence, tree_norm64
 
 import optax_zclip
 
@@ -200,6 +203,57 @@ def test_concrete_jax_arrays_are_checked_and_tracers_are_not():
         alpha=jnp.full(3, 0.5)).init)(params)
 
 
+TRANSFORMS = {"zclip": optax_zclip.zclip, "adagc": optax_zclip.adagc,
+              "autoclip": optax_zclip.autoclip}
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_,
+                                   jax.dtypes.float0])
+@pytest.mark.parametrize("fn", list(TRANSFORMS))
+def test_a_leaf_that_is_not_floating_point_is_refused_when_traced(fn, dtype):
+  tx = TRANSFORMS[fn]()
+  grads = {"w": jnp.ones(3), "layer": {"steps": np.zeros((2,), dtype)}}
+  state = tx.init(grads)
+  pattern = (r"^the updates must be floating-point \(or complex\) arrays; "
+             rf"the leaf at \['layer'\]\['steps'\] has dtype "
+             rf"{'float0' if dtype is jax.dtypes.float0 else dtype.__name__}"
+             r"\.")
+  with pytest.raises(ValueError, match=pattern):
+    jax.jit(tx.update)(grads, state)
+  with pytest.raises(ValueError, match=pattern):
+    tx.update(grads, state)
+  # A lone leaf at the root is named too.
+  with pytest.raises(ValueError, match=r"the leaf at \(the root\) has dtype"):
+    tx.update(jnp.zeros(3, jnp.int32), tx.init(jnp.zeros(3)))
+
+
+@pytest.mark.parametrize("fn", ["zclip", "adagc"])
+def test_max_grad_norm_inf_is_no_cap_like_none(fn):
+  # Same outputs and states, bit for bit, through warm-up and spikes; and
+  # inf can be injected, where None cannot.
+  seq = make_sequence(steps=40, seed=5)
+  kw = dict(warmup_steps=5)
+  none, inf = (TRANSFORMS[fn](max_grad_norm=m, **kw) for m in (None, INF))
+  injected = optax.inject_hyperparams(TRANSFORMS[fn])(max_grad_norm=INF, **kw)
+  s_none, s_inf, s_inj = (t.init(seq[0]) for t in (none, inf, injected))
+  steps = [jax.jit(t.update) for t in (none, inf, injected)]
+  capped = 0
+  for grads in seq:
+    o_none, s_none = steps[0](grads, s_none)
+    o_inf, s_inf = steps[1](grads, s_inf)
+    o_inj, s_inj = steps[2](grads, s_inj)
+    for o in (o_inf, o_inj):
+      for k in grads:
+        np.testing.assert_array_equal(o[k], o_none[k])
+    for a, b, c in zip(jax.tree.leaves(s_none), jax.tree.leaves(s_inf),
+                       jax.tree.leaves(s_inj.inner_state), strict=True):
+      np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(a, c)
+    capped += tree_norm64(grads.values()) > 1.0
+  # A cap of 1 (the default) would have acted on these steps.
+  assert capped >= 10
+
+
 def errors_markdown() -> str:
   """The README's "Errors" section: the table, with real messages."""
   lines = [
@@ -212,7 +266,15 @@ def errors_markdown() -> str:
       "and bools where numbers belong, `None` where it is not allowed,",
       "floats where integers belong, and arrays of rank > 0 are rejected",
       "like out-of-range and non-finite numbers. A number may be a Python",
-      "or NumPy scalar or a 0-d NumPy array.",
+      "or NumPy scalar, a 0-d NumPy array, or a 0-d jax array that is not",
+      "a tracer (its value is read when the transform is built).",
+      "",
+      "The transforms compute in float32, so their float arguments are",
+      "checked as float32 values: `alpha=0.9999999999` is 1.0 in float32",
+      "(the statistics would never move) and is rejected, like any value",
+      "that float32 turns into 0 or inf. `max_grad_norm=inf` means no cap,",
+      "like `None`, and unlike `None` it can be injected. `warmup_steps` is",
+      "compared with an int32 step counter, which saturates at 2**31 - 1.",
       "",
       "| function | argument | allowed | example message |",
       "|---|---|---|---|",
@@ -230,18 +292,35 @@ def errors_markdown() -> str:
                  + f" | `{arg}` | {allowed} | `` {message} `` |")
   lines += [
       "",
-      "Values that are traced are not checked at build time: under",
-      "`optax.inject_hyperparams` the transform is built from jax arrays",
-      "(tracers inside `jax.jit`), whose value cannot be read without",
-      "syncing with the host, so an injected `alpha=1.5` or a schedule that",
-      "leaves the allowed range is not caught; only the rank (a scalar) is",
-      "checked. `autoclip`'s `window` sets the state's shape, so it must be",
+      "Values that are traced are not checked at build time: inside",
+      "`jax.jit` (a jitted update under `optax.inject_hyperparams`, or a",
+      "jitted `init`) the transform is built from tracers, whose value",
+      "cannot be read without syncing with the host, so an injected",
+      "`alpha=1.5` or a schedule that leaves the allowed range is not",
+      "caught there; only the rank (a scalar) and the kind of number are",
+      "checked. Outside `jax.jit`, `inject_hyperparams` builds the",
+      "transform from concrete jax arrays, which are checked like numbers.",
+      "`autoclip`'s `window` sets the state's shape, so it must be",
       "a Python int; with `inject_hyperparams` list it in `static_args`.",
       "`axis_name` is passed to `jax.lax.psum` as it is, and JAX reports an",
       "unknown axis name when the update is traced.",
       "",
+      "The updates are checked when `update` is traced (dtypes are static,",
+      "so this costs nothing at run time): an integer or bool leaf, which",
+      "has no gradient and which scaling would truncate, raises",
+      "`ValueError` naming its path. Complex leaves are clipped by their",
+      "modulus.",
+      "",
   ]
   return "\n".join(lines)
+
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _readme_errors_span(text: str) -> tuple[int, int]:
+  start = text.index("## Errors\n")
+  return start, text.index("\n## ", start) + 1
 
 
 def test_errors_markdown_renders_a_row_per_argument():
@@ -249,3 +328,18 @@ def test_errors_markdown_renders_a_row_per_argument():
   rows = [line for line in text.splitlines() if line.startswith("| `")]
   assert len(rows) == len(TABLE)
   assert text.startswith("## Errors\n")
+
+
+def test_readme_errors_section_is_up_to_date():
+  text = README.read_text()
+  start, end = _readme_errors_span(text)
+  assert text[start:end] == errors_markdown() + "\n", (
+      "README.md's Errors section is out of date: run "
+      "`python tests/test_errors.py` to rewrite it from TABLE.")
+
+
+if __name__ == "__main__":
+  # Rewrites the README's Errors section from TABLE and the real messages.
+  text = README.read_text()
+  start, end = _readme_errors_span(text)
+  README.write_text(text[:start] + errors_markdown() + "\n" + text[end:])
