@@ -8,7 +8,7 @@ same for all of them. Argument checking lives in `_validation`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -25,11 +25,14 @@ F32 = jnp.float32
 # (see `global_norm`).
 F32_MAX = float(jnp.finfo(F32).max)
 
-# In the rescaled pass every element is brought below 2**_RESCALED_MAX_LOG2,
-# so its square stays below 2**64 and a sum of up to 2**64 of them is finite;
-# the factor that does it is then at least 2**-96, a normal float32 (a
-# subnormal factor would be flushed to zero on CPU).
-_RESCALED_MAX_LOG2 = 32
+# The pass that recomputes a norm whose float32 sum of squares overflowed
+# multiplies every element by 2**-88 first. A power of two, so the product
+# is exact; a finite float32 element (below 2**128) then squares to below
+# 2**80, so up to 2**48 of them sum without overflow, and an Inf element
+# stays Inf. That pass runs only when the norm is at least 2**64 (its square
+# overflowed), so the elements whose scaled squares underflow (below 2**25
+# before scaling) are at most 2**-78 of the squared norm each: nothing.
+_RESCALE_LOG2 = 88
 
 
 def check_float_leaves(tree: Any) -> list[jax.Array]:
@@ -63,7 +66,7 @@ def _real_f32(x: jax.Array) -> jax.Array:
   return x.astype(F32)
 
 
-def _leaf_sq_sum(x: jax.Array, factor: jax.Array | None = None) -> jax.Array:
+def _leaf_sq_sum(x: jax.Array, factor: Any = None) -> jax.Array:
   # Square in float32: bf16/f16 squares lose most of their mantissa and f16
   # overflows above 256, and a low-precision sum over millions of elements
   # drifts far from the true value.
@@ -73,43 +76,32 @@ def _leaf_sq_sum(x: jax.Array, factor: jax.Array | None = None) -> jax.Array:
   return jnp.sum(x * x)
 
 
-def _leaf_max_abs(x: jax.Array) -> jax.Array:
-  return jnp.max(jnp.abs(_real_f32(x)), initial=0.0)
-
-
 def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
   if axis_name is None:
     return x
   return jax.lax.psum(x, axis_name)
 
 
-def _pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
-  if axis_name is None:
-    return x
-  return jax.lax.pmax(x, axis_name)
+def _rescale_factor(overflowed: jax.Array) -> jax.Array:
+  """2**-88 where ``overflowed`` (always, in the rescaled pass), else 1.
 
-
-def _rescaled_norm(max_abs: jax.Array, sq_sum_times: Callable[
-    [jax.Array], jax.Array]) -> jax.Array:
-  """The norm of arrays whose float32 sum of squares overflowed.
-
-  Args:
-    max_abs: the largest absolute element (the same on every device).
-    sq_sum_times: maps a factor to the sum of squares of the arrays times
-      that factor (psum-ed, if they are split over devices).
-
-  Returns:
-    The norm, as exact as float32 allows; ``F32_MAX`` if it exceeds that
-    (only when elements come within a factor ``sqrt(size)`` of float32's
-    largest value); ``inf`` if ``max_abs`` is: an Inf element.
+  Computed at run time on purpose: with a compile-time constant ``c``, XLA
+  may rewrite ``(x * c) * (x * c)`` into ``(x * x) * (c * c)`` (it does for
+  scalar leaves), where ``c * c`` underflows to 0 and ``x * x`` overflows:
+  NaN instead of the norm.
   """
-  # A power of two, so that multiplying by it and back is exact.
-  _, exponent = jnp.frexp(max_abs)
-  shift = jnp.minimum(_RESCALED_MAX_LOG2 - exponent, 0)
-  norm = jnp.sqrt(sq_sum_times(jnp.ldexp(jnp.ones_like(max_abs), shift)))
-  norm = jnp.minimum(norm * jnp.ldexp(jnp.ones_like(max_abs), -shift),
-                     F32_MAX)
-  return jnp.where(jnp.isfinite(max_abs), norm, jnp.inf)
+  return jnp.where(overflowed, F32(2.0**-_RESCALE_LOG2), F32(1.0))
+
+
+def _rescaled_norm(sq_sum: jax.Array, factor: jax.Array) -> jax.Array:
+  """The norm from the sum of squares of the elements times ``factor``.
+
+  ``inf`` if that sum is (an Inf element); else at most ``F32_MAX``, which
+  the norm exceeds only when elements come within a factor ``sqrt(size)``
+  of float32's largest value.
+  """
+  norm = jnp.minimum(jnp.sqrt(sq_sum) / factor, F32_MAX)
+  return jnp.where(jnp.isinf(sq_sum), jnp.inf, norm)
 
 
 def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
@@ -121,12 +113,13 @@ def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
 
   The norm is finite whenever every element is: if the float32 sum of
   squares overflows (a norm above about 1.8e19), it is recomputed on the
-  leaves rescaled by a power of two near their largest absolute element.
-  That second pass runs under `jax.lax.cond`, only on such a step; its
-  predicate comes from the ``psum``-ed sum, so every device takes the same
-  branch. A norm beyond float32's range (elements near 3.4e38) is reported
-  as float32's largest value rather than ``inf``, so the step still counts
-  as finite and is clipped. NaN or Inf elements give a NaN or Inf norm.
+  leaves scaled down by 2**-88 (exact, and enough for up to 2**48 elements
+  of any finite size). That second pass runs under `jax.lax.cond`, only on
+  such a step, so a normal step reads the gradients once; the predicate
+  comes from the ``psum``-ed sum, so every device takes the same branch. A
+  norm beyond float32's range (elements near 3.4e38) is reported as
+  float32's largest value rather than ``inf``, so the step still counts as
+  finite and is clipped. NaN or Inf elements give a NaN or Inf norm.
 
   Raises:
     ValueError: if a leaf is not floating point (`check_float_leaves`).
@@ -137,10 +130,9 @@ def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
   sq = _psum(sum(_leaf_sq_sum(x) for x in leaves), axis_name)
 
   def rescaled():
-    max_abs = _pmax(jnp.max(jnp.stack([_leaf_max_abs(x) for x in leaves])),
-                    axis_name)
-    return _rescaled_norm(max_abs, lambda f: _psum(
-        sum(_leaf_sq_sum(x, f) for x in leaves), axis_name))
+    factor = _rescale_factor(jnp.isinf(sq))
+    return _rescaled_norm(
+        _psum(sum(_leaf_sq_sum(x, factor) for x in leaves), axis_name), factor)
 
   return jax.lax.cond(jnp.isinf(sq), rescaled, lambda: jnp.sqrt(sq))
 
@@ -163,10 +155,10 @@ def leaf_norms(tree: Any, axis_name: AxisName = None) -> jax.Array:
   sq = _psum(jnp.stack([_leaf_sq_sum(x) for x in leaves]), axis_name)
 
   def rescaled():
-    max_abs = _pmax(jnp.stack([_leaf_max_abs(x) for x in leaves]), axis_name)
-    norms = _rescaled_norm(max_abs, lambda f: _psum(jnp.stack(
-        [_leaf_sq_sum(x, fi) for x, fi in zip(leaves, f, strict=True)]),
-                                                 axis_name))
+    factor = _rescale_factor(jnp.any(jnp.isinf(sq)))
+    norms = _rescaled_norm(_psum(
+        jnp.stack([_leaf_sq_sum(x, factor) for x in leaves]), axis_name),
+                           factor)
     # Leaves that did not overflow keep the first pass's norm (NaN stays NaN).
     return jnp.where(jnp.isinf(sq), norms, jnp.sqrt(sq))
 
@@ -178,12 +170,10 @@ def norm_of_norms(norms: jax.Array) -> jax.Array:
 
   Finite norms give a finite result (at most float32's largest value, as in
   `global_norm`); a NaN or Inf norm gives NaN or Inf. An empty vector gives 0.
+  The vector holds one entry per leaf, so both sums cost nothing.
   """
-  big = jnp.max(norms, initial=0.0)
-  ok = jnp.isfinite(big) & (big > 0)
-  unit = jnp.where(ok, big, 1.0)
-  total = unit * jnp.sqrt(jnp.sum(jnp.square(norms / unit)))
-  return jnp.where(ok, jnp.minimum(total, F32_MAX), total)
+  factor = _rescale_factor(jnp.isinf(jnp.sum(jnp.square(norms))))
+  return _rescaled_norm(jnp.sum(jnp.square(norms * factor)), factor)
 
 
 def clip_scale(norm: jax.Array, limit: jax.Array,

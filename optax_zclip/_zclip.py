@@ -255,9 +255,12 @@ def zclip(
     delta = g - mean
     w_mean = mean + delta / n
     w_var = var + (delta * (g - w_mean) - var) / n
+    # The EMA in increment form, `v + (1 - a) * (x - v)`, equal to `a * v +
+    # (1 - a) * x`: it cannot overflow for statistics near float32's max,
+    # where XLA may fold the latter into `(v + x) * 0.5` for alpha = 0.5.
     x = jnp.where(is_spike, c, g)
-    e_mean = a * mean + (1 - a) * x
-    e_var = a * var + (1 - a) * jnp.square(x - e_mean)
+    e_mean = mean + (1 - a) * (x - mean)
+    e_var = var + (1 - a) * (jnp.square(x - e_mean) - var)
     keep = ~finite | (is_spike & skip_update_on_spike)
     # A finite norm may be as large as float32's max (global_norm), and its
     # square overflows. The statistics saturate there instead of becoming

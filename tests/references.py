@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-
 SHAPES = {"w1": (7, 5), "b1": (5,), "w2": (3, 2, 4)}
 SPIKES = {6: 8.0, 31: 12.0, 32: 6.0, 50: 30.0, 66: 4.0, 81: 20.0}
 
@@ -30,7 +29,8 @@ def make_sequence(steps=90, seed=0, shapes=None):
     target *= SPIKES.get(t, 1.0)
     tree = {k: rng.standard_normal(s) for k, s in (shapes or SHAPES).items()}
     n = tree_norm64(tree.values())
-    seq.append({k: (v * target / n).astype(np.float32) for k, v in tree.items()})
+    seq.append({k: (v * target / n).astype(np.float32)
+                for k, v in tree.items()})
   return seq
 
 
@@ -191,6 +191,20 @@ class AutoClipRef:
     self.norms.append(g)
     thr = float(np.percentile(self.norms[-self.window:], self.percentile))
     return (thr / g if g > thr else 1.0), thr
+
+
+def adamw64(grads_seq, params, lr, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
+  """Plain float64 AdamW, as in Loshchilov & Hutter, for comparison."""
+  m = {k: np.zeros_like(v, np.float64) for k, v in params.items()}
+  v = {k: np.zeros_like(x, np.float64) for k, x in params.items()}
+  p = {k: np.asarray(x, np.float64) for k, x in params.items()}
+  for t, g in enumerate(grads_seq, start=1):
+    for k in p:
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+      mh, vh = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+      p[k] = p[k] - lr * (mh / (np.sqrt(vh) + eps) + wd * p[k])
+  return p
 
 
 def run_without_host_transfer(update, state, seq):

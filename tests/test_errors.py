@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from references import make_sequence, tree_norm64
 
 import optax_zclip
+from references import make_sequence, tree_norm64
 
 NAN, INF = math.nan, math.inf
 METRICS = ("spike_mask", "spike_score", "count_spikes")

@@ -4,6 +4,10 @@ Each transform's only per-element work should be one read of the gradients
 (the norms) and a multiply by a scalar folded into the optimizer's fusions:
 no extra gradient-sized buffer, no per-element divide or select. The count
 of such operations in the compiled step is compared with bare AdamW's.
+
+The second pass that recomputes a norm whose float32 sum of squares
+overflowed must stay inside a conditional branch, so that a normal step
+reads the gradients once for the norms, as checked here too.
 """
 
 import re
@@ -15,6 +19,7 @@ import optax
 import pytest
 
 import optax_zclip
+from optax_zclip import _numerics
 
 SHAPES = {"a": (96, 160), "b": (224,), "c": (3, 40, 72)}
 
@@ -75,3 +80,67 @@ def test_the_check_sees_an_unfused_clip():
   shape = SHAPES["a"]
   assert got[shape]["divide"] > BARE[shape]["divide"]
   assert got[shape]["buffers"] > BARE[shape]["buffers"]
+
+
+def _computation(text, name):
+  """The body of the computation called ``name`` ("ENTRY" for the entry)."""
+  start = text.index("\nENTRY" if name == "ENTRY" else f"\n{name} (")
+  return text[start:text.index("\n}", start)]
+
+
+def _gradient_reads(text):
+  """Per leaf, the instructions of the entry computation that read it.
+
+  A tuple only passes its elements on (to a conditional, whose branches run
+  only when taken), so it is not counted.
+  """
+  lines = [line for line in _computation(text, "ENTRY").splitlines()
+           if " parameter(" not in line and " tuple(" not in line]
+  return {k: sum(bool(re.search(rf"%grads__{k}__\.\d+\b", line))
+                 for line in lines) for k in SHAPES}
+
+
+BARE_READS = _gradient_reads(_compiled_text(optax.adamw(1e-3)))
+
+
+def _max_abs_unconditionally():
+  """A transform that also takes every element's magnitude on every step:
+  what the overflow check must not do (the sanity check of the test)."""
+
+  def update(updates, state, params=None):
+    del params
+    big = jnp.max(jnp.stack([jnp.max(jnp.abs(x))
+                             for x in jax.tree.leaves(updates)]))
+    scale = 1.0 / jnp.maximum(_numerics.global_norm(updates), big)
+    return _numerics.scale_tree(updates, scale), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+@pytest.mark.parametrize("make", [
+    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip],
+                         ids=["zclip", "adagc", "autoclip"])
+def test_a_normal_step_reads_the_gradients_once_for_the_norms(make):
+  text = _compiled_text(optax.chain(make(), optax.adamw(1e-3)))
+  # The rescaled pass is a conditional's branch, not unconditional work...
+  calls = re.findall(r" conditional\(.*branch_computations=\{([^}]*)\}",
+                     _computation(text, "ENTRY"))
+  assert len(calls) == 1, calls
+  branches = [_computation(text, name.strip())
+              for name in calls[0].split(",")]
+  # ...and that branch does read every gradient, for a sum of squares.
+  assert any(
+      "reduce_sum" in body and all(
+          re.search(rf"f32\[{','.join(map(str, s))}\]\S* get-tuple-element",
+                    body) for s in SHAPES.values())
+      for body in branches), branches
+  reads = _gradient_reads(text)
+  for k in SHAPES:
+    assert reads[k] == BARE_READS[k] + 1, (k, reads, BARE_READS)
+
+
+def test_the_read_count_sees_an_extra_pass():
+  reads = _gradient_reads(_compiled_text(optax.chain(
+      _max_abs_unconditionally(), optax.adamw(1e-3))))
+  for k in SHAPES:
+    assert reads[k] == BARE_READS[k] + 2, (k, reads, BARE_READS)

@@ -9,8 +9,13 @@ import optax
 import pytest
 
 import optax_zclip
-from references import SEQ, ZClipRef, run_without_host_transfer, tree_norm64
-
+from references import (
+  SEQ,
+  ZClipRef,
+  adamw64,
+  run_without_host_transfer,
+  tree_norm64,
+)
 
 ZCLIP_FIELDS = optax_zclip.ZClipState._fields
 
@@ -30,24 +35,10 @@ def test_jitted_step_makes_no_host_transfer():
   outs, state = run_without_host_transfer(tx.update, tx.init(None), grads)
   assert int(state.count) == 12
   ref = ZClipRef(warmup_steps=3)
-  for g, out in zip(grads, outs):
+  for g, out in zip(grads, outs, strict=True):
     np.testing.assert_allclose(out, g * ref.step(tree_norm64([g]))["scale"],
                                rtol=1e-5)
   assert ref.spikes >= 1
-
-
-def _adamw64(grads_seq, params, lr, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
-  """Plain float64 AdamW, as in Loshchilov & Hutter, for comparison."""
-  m = {k: np.zeros_like(v, np.float64) for k, v in params.items()}
-  v = {k: np.zeros_like(x, np.float64) for k, x in params.items()}
-  p = {k: np.asarray(x, np.float64) for k, x in params.items()}
-  for t, g in enumerate(grads_seq, start=1):
-    for k in p:
-      m[k] = b1 * m[k] + (1 - b1) * g[k]
-      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
-      mh, vh = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
-      p[k] = p[k] - lr * (mh / (np.sqrt(vh) + eps) + wd * p[k])
-  return p
 
 
 def test_chained_before_adamw_matches_clip_then_adamw():
@@ -69,7 +60,7 @@ def test_chained_before_adamw_matches_clip_then_adamw():
     s = ref.step(tree_norm64(grads.values()))["scale"]
     clipped.append({k: np.asarray(v, np.float64) * s for k, v in grads.items()})
   assert ref.spikes >= 2
-  expected = _adamw64(clipped, {k: np.ones(v.shape) for k, v in SEQ[0].items()},
+  expected = adamw64(clipped, {k: np.ones(v.shape) for k, v in SEQ[0].items()},
                       lr)
   for k in params:
     np.testing.assert_allclose(params[k], expected[k], rtol=2e-4, atol=2e-5)
@@ -231,7 +222,10 @@ def test_axis_name_sums_squares_across_the_named_axis():
   cfg = dict(warmup_steps=5)
   whole = optax_zclip.zclip(**cfg)
   split = optax_zclip.zclip(**cfg, axis_name="d")
-  halves = lambda t: {k: jnp.stack([v[:1], v[1:2]]) for k, v in t.items()}
+
+  def halves(t):
+    return {k: jnp.stack([v[:1], v[1:2]]) for k, v in t.items()}
+
   step = jax.jit(jax.vmap(split.update, in_axes=(0, None), out_axes=(0, 0),
                           axis_name="d"))
   s_whole = whole.init(None)
