@@ -68,7 +68,10 @@ def adagc(
   Beyond the paper:
 
   * Norms are accumulated in float32 whatever the updates' dtype; the
-    updates keep their dtype; ``gamma`` is float32.
+    updates keep their dtype; ``gamma`` is float32. A finite tensor has a
+    finite norm however large (a float32 sum of squares that overflows is
+    redone after rescaling, only on such a step), so a 1e20 tensor is
+    clipped, not passed through as non-finite.
   * A tensor whose norm is NaN or Inf passes through unscaled and keeps its
     ``gamma_i``. A step whose global norm is non-finite during warm-up
     (when the clip factor is undefined) passes through and changes no
@@ -85,9 +88,9 @@ def adagc(
       norm exceeds ``lambda_rel * gamma_i``. > 0.
     beta: EMA smoothing of ``gamma``, in (0, 1).
     warmup_steps: steps of global-norm clipping that seed ``gamma``; an
-      integer >= 1.
+      integer in [1, 2**31 - 1].
     max_grad_norm: the global norm cap during warm-up (the paper's
-      ``lambda_abs``); None for no cap. > 0.
+      ``lambda_abs``); None or inf for no cap. > 0.
     eps: added to the norms in the denominators; finite and >= 0.
     axis_name: a mesh axis name (or tuple of names) over which the per-tensor
       squared norms are ``psum``-ed (in one collective), inside
@@ -99,8 +102,10 @@ def adagc(
     An `optax.GradientTransformation` whose state is an `AdaGCState`.
 
   Raises:
-    ValueError: if a hyperparameter given as a Python number is out of its
-      range; the message names the argument.
+    ValueError: if a hyperparameter given as a Python or NumPy number or a
+      concrete (non-traced) jax array is out of its range (float arguments
+      are checked as float32 values); the message names the argument. When
+      ``update`` is traced, if a leaf of the updates is not floating point.
 
   Example:
     >>> import jax.numpy as jnp

@@ -73,7 +73,9 @@ def autoclip(
   A NaN or Inf norm is not recorded: the history stays as it was,
   ``nonfinite_count`` goes up, and the update passes through untouched for
   `optax.apply_if_finite` to catch. Norms are accumulated in float32; the
-  updates keep their dtype.
+  updates keep their dtype. A finite gradient has a finite norm however
+  large (a float32 sum of squares that overflows is redone after rescaling,
+  only on such a step), so a 1e20 gradient is recorded and clipped.
 
   Args:
     percentile: the percentile of the history to clip to, in [0, 100].
@@ -90,7 +92,8 @@ def autoclip(
 
   Raises:
     ValueError: if ``percentile`` is outside [0, 100] or ``window`` is not
-      an integer >= 1; the message names the argument.
+      an integer >= 1; the message names the argument. When ``update`` is
+      traced, if a leaf of the updates is not floating point.
 
   Example:
     >>> import jax.numpy as jnp

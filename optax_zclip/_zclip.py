@@ -124,7 +124,12 @@ def zclip(
   step, with the same argument names and defaults. Beyond it:
 
   * The norm is accumulated in float32 whatever the updates' dtype, and the
-    updates keep their dtype.
+    updates keep their dtype. A finite gradient has a finite norm however
+    large (a float32 sum of squares that overflows is redone after
+    rescaling, only on such a step), so a 1e20 gradient is clipped as a
+    spike. Such a norm during warm-up saturates ``var`` at float32's
+    largest value instead of making it Inf; it then decays by ``alpha``
+    per step.
   * A NaN or Inf norm leaves ``count``, ``mean`` and ``var`` exactly as they
     were, increments ``nonfinite_count`` and passes the updates through
     unchanged, so that `optax.apply_if_finite` can skip the step.
@@ -133,17 +138,18 @@ def zclip(
     injected with `optax.inject_hyperparams`.
 
   Args:
-    alpha: EMA smoothing factor of the mean and variance, in (0, 1). Larger
-      values remember longer.
+    alpha: EMA smoothing factor of the mean and variance, in (0, 1) as a
+      float32. Larger values remember longer.
     z_thresh: z-score above which a step is a spike (mode ``"zscore"``), or the
       number of standard deviations above the mean where clipping starts
       (mode ``"percentile"``). > 0.
     max_grad_norm: an absolute cap on the global norm, applied at every step
-      (alone during warm-up), or None for no cap. > 0.
+      (alone during warm-up), or None or inf for no cap. > 0.
     eps: added to ``std`` in the z-score and to ``g`` in the clip factor;
       finite and >= 0.
     warmup_steps: number of steps with a finite norm that seed the
-      statistics; an integer >= 1.
+      statistics; an integer in [1, 2**31 - 1] (the int32 counter saturates
+      at 2**31 - 1).
     mode: ``"zscore"`` (spike when ``z > z_thresh``, clip by ``clip_option``)
       or ``"percentile"`` (spike when ``g > mean + z_thresh * std``, clip to
       that value).
@@ -167,8 +173,11 @@ def zclip(
     An `optax.GradientTransformation` whose state is a `ZClipState`.
 
   Raises:
-    ValueError: if a hyperparameter given as a Python number or string is out
-      of its range; the message names the argument.
+    ValueError: if a hyperparameter given as a Python or NumPy number, a
+      string or a concrete (non-traced) jax array is out of its range (float
+      arguments are checked as float32 values); the message names the
+      argument. When ``update`` is traced, if a leaf of the updates is not
+      floating point.
 
   Example:
     >>> import jax.numpy as jnp
