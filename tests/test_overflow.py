@@ -271,10 +271,10 @@ def test_a_norm_beyond_float32_is_float32_max_and_clipped():
 
 
 def test_a_huge_norm_in_warm_up_saturates_the_statistics_without_nan():
-  # The warm-up statistics take the raw norm (SPEC): its square overflows
-  # float32, so var saturates at float32's max instead of becoming Inf
-  # (an Inf var made the next warm-up step's variance Inf - Inf = NaN).
-  # max_grad_norm still caps every step.
+  # The warm-up statistics take the raw norm (as the reference code does):
+  # its square overflows float32, so var saturates at float32's max instead
+  # of becoming Inf (an Inf var made the next warm-up step's variance
+  # Inf - Inf = NaN). max_grad_norm still caps every step.
   warmup, at = 10, 3
   tx = optax_zclip.zclip(warmup_steps=warmup, max_grad_norm=1.0)
   step = jax.jit(tx.update)
