@@ -4,14 +4,17 @@
 gradients with ZClip (Kumar et al., arXiv 2504.02507), making the same
 decisions as the authors' PyTorch code. `adagc` (per-tensor, Wang et al.,
 arXiv 2502.11034) and `autoclip` (percentile, Seetharaman et al., arXiv
-2007.14469) are the alternatives, and `spike_score` / `count_spikes` measure
-the loss spikes they are meant to prevent.
+2007.14469) are the alternatives, `clip_by_global_norm` the fixed threshold
+with the same telemetry; `stats` reads what any of them did from an optimizer
+state, and `spike_score` / `count_spikes` measure the loss spikes they are
+meant to prevent.
 """
 
 from optax_zclip._adagc import AdaGCState, adagc
 from optax_zclip._autoclip import AutoClipState, autoclip
+from optax_zclip._clip import ClipByGlobalNormState, clip_by_global_norm
 from optax_zclip._metrics import count_spikes, spike_mask, spike_score
-from optax_zclip._stats import stats
+from optax_zclip._stats import loggable_state, stats
 from optax_zclip._zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
@@ -19,10 +22,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaGCState",
     "AutoClipState",
+    "ClipByGlobalNormState",
     "ZClipState",
     "adagc",
     "autoclip",
+    "clip_by_global_norm",
     "count_spikes",
+    "loggable_state",
     "spike_mask",
     "spike_score",
     "stats",

@@ -9,11 +9,18 @@ import jax.numpy as jnp
 import optax
 
 from optax_zclip import _numerics, _validation
+from optax_zclip._stats import loggable_state
 from optax_zclip._numerics import F32, AxisName
 
 
+@loggable_state(
+    "adagc",
+    fields=("count", "grad_norm", "clipped_norm", "num_clipped",
+            "nonfinite_count"))
 class AdaGCState(NamedTuple):
   """State of `adagc`: one reference norm per tensor, plus telemetry.
+
+  `optax_zclip.stats` reports every field but ``gamma``.
 
   Attributes:
     count: int32 scalar, number of steps taken. Warm-up lasts while

@@ -9,17 +9,23 @@ import jax.numpy as jnp
 import optax
 
 from optax_zclip import _numerics, _validation
+from optax_zclip._stats import loggable_state
 from optax_zclip._numerics import F32, AxisName
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean", "max")
 
 
+@loggable_state(
+    "zclip",
+    fields=("count", "mean", "var", "grad_norm", "clipped_norm", "z_score",
+            "threshold", "spike_count", "nonfinite_count"),
+    derived={"std": lambda s: jnp.sqrt(s["var"])})
 class ZClipState(NamedTuple):
   """State of `zclip`: the norm statistics plus telemetry of the last step.
 
-  Every field is a scalar. The field names are public API: log them with
-  `optax_zclip.stats`.
+  Every field is a scalar. The field names are public API: `optax_zclip.stats`
+  reports all of them, plus ``std = sqrt(var)``.
 
   Attributes:
     count: int32, number of steps whose global norm was finite, i.e. the

@@ -66,6 +66,8 @@ TABLE = [
      [100.5, -1.0, NAN, INF, "10", None, np.array([10.0, 20.0])]),
     ("autoclip", "window", "Python integer >= 1 (not a jax array)",
      [0, -1, 2.0, 1.5, True, "8", None, np.array([8]), jnp.asarray(8)]),
+    ("clip_by_global_norm", "max_norm", "float > 0, or None",
+     [0.0, -1.0, NAN, INF, "1.0", np.array([1.0, 2.0]), True]),
     (METRICS, "losses", "1-D array-like of real numbers",
      [np.zeros((2, 3)), 3.0, [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
       [1.0, None], "loss"]),
@@ -100,7 +102,10 @@ def test_bad_value_raises_a_value_error_naming_the_argument(fn, arg, value):
 
 
 def test_the_table_covers_every_argument_of_every_public_function():
-  public = {"zclip", "adagc", "autoclip", *METRICS}
+  # Every public function but the telemetry readers, which take any state.
+  public = {name for name in optax_zclip.__all__
+            if inspect.isfunction(getattr(optax_zclip, name))} - {
+                "stats", "loggable_state"}
   covered = {}
   for fns, arg, _, _ in TABLE:
     for fn in (fns,) if isinstance(fns, str) else fns:
@@ -124,6 +129,8 @@ GOOD = [
                    max_grad_norm=None, eps=0)),
     ("autoclip", dict(percentile=0, window=1)),
     ("autoclip", dict(percentile=np.float64(100.0), window=np.int32(7))),
+    ("clip_by_global_norm", dict(max_norm=None)),
+    ("clip_by_global_norm", dict(max_norm=np.float32(1e-30))),
 ]
 
 

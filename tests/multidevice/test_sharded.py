@@ -28,6 +28,7 @@ CASES = {
         z_thresh=2.0)),
     "adagc": (optax_zclip.adagc, dict(warmup_steps=10)),
     "autoclip": (optax_zclip.autoclip, dict(percentile=50.0, window=16)),
+    "clip": (optax_zclip.clip_by_global_norm, dict(max_norm=2.0)),
 }
 
 
