@@ -205,7 +205,7 @@ def spike_mask(losses: Any, window: int = 1000,
   only, with no sums that cancel, so a huge loss (1e8, 1e300: a diverging
   run) changes the statistics of the windows that hold it and of no other.
   Runs in O(n log(window)) time on n losses (a million steps with a window
-  of 1000 take about a second): the steps are cut into blocks of ``window``
+  of 1000 take one or two seconds): the steps are cut into blocks of ``window``
   steps, each window is the end of one block followed by the start of the
   next, and the statistics of every block start and block end come from a
   doubling scan that merges partial means and sums of squared deviations,
