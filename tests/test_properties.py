@@ -9,7 +9,7 @@ history before the step (warm-up, or after it, with spikes in it):
   changes sign;
 * the output norm never exceeds the limit that applies: ``max_grad_norm``,
   the clip value of a spike (computed here in float64 from the state before
-  the step, by SPEC.md's formulas), AutoClip's percentile (NumPy's), AdaGC's
+  the step, by the formulas in zclip's docstring and the README), AutoClip's percentile (NumPy's), AdaGC's
   ``lambda_rel * gamma_i``, all within float32 rounding (1e-5 relative);
 * a gradient below every limit passes through bit-identical.
 
@@ -181,7 +181,7 @@ def _bit_identical(grads, out):
 
 
 def _zclip_clip_value(hp, mean, var, g):
-  """SPEC.md's clip value on a spike, in float64, from the pre-step state."""
+  """The documented clip value on a spike, in float64, from the pre-step state."""
   std = math.sqrt(var)
   zt = hp["z_thresh"]
   if hp["mode"] == "percentile" or hp["clip_option"] == "max":

@@ -1,4 +1,4 @@
-"""Step-by-step parity of `zclip` with the float64 reference of SPEC.md."""
+"""Step-by-step parity of `zclip` with a float64 transcription of the reference."""
 
 import itertools
 
