@@ -12,7 +12,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import spike_demo  # noqa: E402
-from test_metrics import naive_mask, naive_runs  # noqa: E402
+from metrics_reference import naive_mask, naive_runs  # noqa: E402
 
 METHODS = ["none", "clip", "zclip", "adagc", "autoclip"]
 STEPS = 30
