@@ -164,8 +164,8 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   The keys are those each state declares:
 
   * `zclip`: ``count``, ``mean``, ``var``, ``grad_norm``, ``clipped_norm``,
-    ``z_score``, ``threshold``, ``spike_count``, ``nonfinite_count`` and
-    ``std = sqrt(var)``;
+    ``z_score``, ``threshold``, ``spike_count``, ``nonfinite_count``,
+    ``restart_count`` and ``std = sqrt(var)``;
   * `adagc`: ``count``, ``grad_norm``, ``clipped_norm``, ``num_clipped``,
     ``nonfinite_count``;
   * `autoclip`: ``count``, ``grad_norm``, ``clipped_norm``, ``threshold``,
@@ -197,7 +197,7 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> sorted(optax_zclip.stats(state))  # doctest: +NORMALIZE_WHITESPACE
     ['clipped_norm', 'count', 'grad_norm', 'mean', 'nonfinite_count',
-     'spike_count', 'std', 'threshold', 'var', 'z_score']
+     'restart_count', 'spike_count', 'std', 'threshold', 'var', 'z_score']
     >>> optax_zclip.stats(optax.adamw(1e-3).init({"w": jnp.zeros(3)}))
     {}
 

@@ -53,6 +53,7 @@ class ZClipRef:
   clip_option: str = "adaptive_scaling"
   clip_factor: float = 1.0
   skip_update_on_spike: bool = False
+  max_consecutive_spikes: int | None = None  # the package's opt-in restart
 
   buffer: list = field(default_factory=list)
   initialized: bool = False
@@ -60,6 +61,8 @@ class ZClipRef:
   var: float = 0.0
   spikes: int = 0
   nonfinite: int = 0
+  in_a_row: int = 0
+  restarts: int = 0
 
   def step(self, g: float) -> dict:
     """Feeds one global norm; returns the scale applied and the decision."""
@@ -107,6 +110,14 @@ class ZClipRef:
       x = clip_val if spike else g
       self.mean = self.alpha * self.mean + (1 - self.alpha) * x
       self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+    self.in_a_row = self.in_a_row + 1 if spike else 0
+    if (self.max_consecutive_spikes is not None
+        and self.in_a_row >= self.max_consecutive_spikes):
+      # Start over: the next warmup_steps norms seed the statistics anew.
+      self.initialized, self.buffer = False, []
+      self.mean = self.var = 0.0
+      self.in_a_row = 0
+      self.restarts += 1
     return dict(scale=scale, spike=spike, warmup=False, z=z, limit=limit)
 
   def running_stats(self) -> tuple[float, float]:

@@ -52,6 +52,8 @@ TABLE = [
      [0.0, -0.5, INF, NAN, "1", None, np.array([1.0])]),
     ("zclip", "skip_update_on_spike", "bool",
      ["yes", None, 1, 0.0, np.array([True])]),
+    ("zclip", "max_consecutive_spikes", "integer >= 1, or None",
+     [0, -1, 2.5, 50.0, True, "50", np.array([50])]),
     ("adagc", "lambda_rel", "float > 0",
      [0.0, -1.0, INF, NAN, "1.05", None, np.array([1.05])]),
     ("adagc", "beta", "float in (0, 1)",

@@ -13,7 +13,7 @@ import optax_zclip
 from references import SEQ, ZClipRef, tree_norm64
 
 KEYS = {"count", "mean", "var", "std", "grad_norm", "clipped_norm", "z_score",
-        "threshold", "spike_count", "nonfinite_count"}
+        "threshold", "spike_count", "nonfinite_count", "restart_count"}
 
 
 def _check_against_reference(s, ref, grads, scale):
