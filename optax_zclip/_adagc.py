@@ -221,8 +221,8 @@ def adagc(
         gamma=treedef.unflatten(list(new_gamma)),
         grad_norm=g,
         clipped_norm=jnp.sqrt(jnp.sum(sq * jnp.square(scales))),
-        num_clipped=jnp.sum(jnp.where(warm, warm_clipped, clip))
-        .astype(jnp.int32),
+        num_clipped=jnp.where(warm, jnp.sum(warm_clipped),
+                              jnp.sum(clip)).astype(jnp.int32),
         nonfinite_count=_numerics.increment_where(~finite_g,
                                                 state.nonfinite_count),
     )

@@ -1,4 +1,4 @@
-"""Test data and independent float64 NumPy models of the transforms (SPEC.md).
+"""Test data and independent float64 NumPy models of the transforms.
 
 The models follow the papers' and the reference code's procedures literally
 (ZClip's buffer of warm-up norms, per-tensor Python loops for AdaGC, a list
