@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-
 SHAPES = {"w1": (7, 5), "b1": (5,), "w2": (3, 2, 4)}
 SPIKES = {6: 8.0, 31: 12.0, 32: 6.0, 50: 30.0, 66: 4.0, 81: 20.0}
 
@@ -30,7 +29,8 @@ def make_sequence(steps=90, seed=0, shapes=None):
     target *= SPIKES.get(t, 1.0)
     tree = {k: rng.standard_normal(s) for k, s in (shapes or SHAPES).items()}
     n = tree_norm64(tree.values())
-    seq.append({k: (v * target / n).astype(np.float32) for k, v in tree.items()})
+    seq.append({k: (v * target / n).astype(np.float32)
+                for k, v in tree.items()})
   return seq
 
 
@@ -137,50 +137,97 @@ def leaf_norm64(x) -> float:
 
 @dataclass
 class AdaGCRef:
-  """AdaGC (arXiv 2502.11034) tensor by tensor, in float64, per SPEC.md."""
+  """AdaGC as its authors released it, tensor by tensor, in float64.
 
-  lambda_rel: float = 1.05
-  beta: float = 0.98
+  A transcription of the rule in the authors' Megatron-LM patch (class
+  ``AdaGC``, method ``clip_by_norm``, in ``megatron/optimizer/clip_grads.py``
+  of github.com/lishuai-97/AdaGC), with Python branches where the package
+  uses `jnp.where`:
+
+  * Steps are numbered from 1; step ``t`` is a warm-up step while ``t <=
+    warmup_steps``. A warm-up step multiplies every tensor by
+    ``max_grad_norm / (G + eps)`` when that is below 1 (``G`` the global
+    norm), then records each tensor's norm after that scaling: the first
+    record seeds the tensor's reference norm, later ones replace it only
+    when smaller.
+  * After warm-up a tensor with no reference yet takes its own norm as one.
+    A tensor whose norm ``n`` exceeds ``lambda_rel * ref`` is multiplied by
+    ``lambda_rel * ref / (n + eps)`` and counts as ``lambda_rel * ref`` in
+    the average; any other tensor counts as ``n``. Then ``ref <- beta * ref
+    + (1 - beta) * counted``.
+
+  Plus the package's documented extras (none of them reachable with the
+  authors' finite, non-zero gradients):
+
+  * A step with a NaN or Inf global norm is not a step: it gets no number
+    and records nothing. During warm-up it passes through; afterwards its
+    finite tensors are scaled as above without updating ``ref``.
+  * A tensor of norm 0 records nothing and passes through.
+  * ``max_grad_norm=None``: warm-up steps are not scaled.
+
+  ``gamma[i]`` is ``inf`` while tensor i has no reference, as in the
+  package's state; ``clipped[i]`` says whether the last step scaled tensor i
+  down.
+  """
+
+  lambda_rel: float = 1.04
+  beta: float = 0.99
   warmup_steps: int = 100
   max_grad_norm: float | None = 1.0
   eps: float = 1e-6
 
   gamma: list | None = None
-  t: int = 0
+  steps: int = 0  # finite steps taken
   nonfinite: int = 0
+  clipped: list = field(default_factory=list)
+
+  def _after_warmup(self, i: int, n: float) -> tuple[float, float, bool]:
+    """(factor, new reference, clipped?) of tensor i after warm-up."""
+    ref = n if math.isinf(self.gamma[i]) else self.gamma[i]
+    limit = self.lambda_rel * ref
+    if n > limit:
+      factor, counted = limit / (n + self.eps), limit
+    else:
+      factor, counted = 1.0, n
+    return factor, self.beta * ref + (1 - self.beta) * counted, n > limit
 
   def step(self, leaves) -> list:
     """Feeds one step's tensors; returns the factor applied to each."""
     norms = [leaf_norm64(x) for x in leaves]
-    big = math.sqrt(sum(n * n for n in norms))
+    total = math.sqrt(sum(n * n for n in norms))
     if self.gamma is None:
       self.gamma = [math.inf] * len(norms)
-    warm = self.t < self.warmup_steps
-    self.t += 1
-    if not math.isfinite(big):
+    warm = self.steps + 1 <= self.warmup_steps  # this step's number
+    if not math.isfinite(total):
       self.nonfinite += 1
+      factors = [1.0] * len(norms)
+      self.clipped = [False] * len(norms)
+      if not warm:
+        for i, n in enumerate(norms):
+          if math.isfinite(n) and n > 0:
+            factors[i], _, self.clipped[i] = self._after_warmup(i, n)
+      return factors
+    self.steps += 1
     if warm:
-      if not math.isfinite(big):
-        return [1.0] * len(norms)
-      f = 1.0
+      coeff = 1.0
       if self.max_grad_norm is not None:
-        f = min(1.0, self.max_grad_norm / (big + self.eps))
+        c = self.max_grad_norm / (total + self.eps)
+        if c < 1.0:
+          coeff = c
+      self.clipped = [coeff < 1.0 and n > 0 for n in norms]
       for i, n in enumerate(norms):
-        if n > 0:  # the running minimum of the clipped norm
-          self.gamma[i] = min(self.gamma[i], f * n)
-      return [f] * len(norms)
-    scales = []
+        if n == 0:
+          continue
+        if math.isinf(self.gamma[i]) or coeff * n < self.gamma[i]:
+          self.gamma[i] = coeff * n
+      return [coeff] * len(norms)
+    factors = [1.0] * len(norms)
+    self.clipped = [False] * len(norms)
     for i, n in enumerate(norms):
-      if not math.isfinite(n) or n == 0:
-        scales.append(1.0)  # not an observation
-      elif math.isinf(self.gamma[i]):
-        self.gamma[i] = n  # first finite sight of this tensor
-        scales.append(1.0)
-      else:
-        h = min(1.0, self.lambda_rel * self.gamma[i] / (n + self.eps))
-        self.gamma[i] = self.beta * self.gamma[i] + (1 - self.beta) * h * n
-        scales.append(h)
-    return scales
+      if n == 0:
+        continue
+      factors[i], self.gamma[i], self.clipped[i] = self._after_warmup(i, n)
+    return factors
 
 
 @dataclass
