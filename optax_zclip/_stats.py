@@ -134,7 +134,9 @@ def _find(node: Any, path: tuple) -> Any:
   cls = _declared_class(node)
   if cls is not None:
     yield path, node, cls
-  elif _is_nnx_state(node):
+  # A declared state may hold other states (`skip_spikes` keeps the state of
+  # the optimizer it wraps): its fields are searched too.
+  if _is_nnx_state(node):
     # Walked by its items: flattening it would hand out its plain-dict
     # insides, which no longer say they came from `nnx.state`.
     for key, child in node.items():
@@ -171,13 +173,16 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   * `autoclip`: ``count``, ``grad_norm``, ``clipped_norm``, ``threshold``,
     ``nonfinite_count``;
   * `clip_by_global_norm`: ``count``, ``grad_norm``, ``clipped_norm``,
-    ``threshold``, ``clipped_count``, ``nonfinite_count``.
+    ``threshold``, ``clipped_count``, ``nonfinite_count``;
+  * `skip_spikes`: ``size``, ``skipped``, ``skip_count``,
+    ``nonfinite_count``, ``grad_norm``, ``loss_threshold``,
+    ``norm_threshold``, and the states inside the optimizer it wraps.
 
   If the state holds several clipping states, each key is prefixed with the
   transform's name and a slash (``"zclip/grad_norm"``, ``"adagc/..."``,
-  ``"autoclip/..."``, ``"clip/..."``); when one kind occurs more than once
-  (say, one ZClip per parameter group with `optax.partition`), the name is
-  followed by the state's path in brackets,
+  ``"autoclip/..."``, ``"clip/..."``, ``"skip/..."``); when one kind occurs
+  more than once (say, one ZClip per parameter group with `optax.partition`),
+  the name is followed by the state's path in brackets,
   ``"zclip[inner_states.a.inner_state]/..."``. The keys are the same whether
   ``opt_state`` is an ``nnx.Optimizer`` or ``nnx.state`` of it.
 
