@@ -2,7 +2,8 @@
 
 The models follow the papers' and the reference code's procedures literally
 (ZClip's buffer of warm-up norms, per-tensor Python loops for AdaGC, a list
-of every norm and `np.percentile` for AutoClip), with Python branches and
+of every norm and `np.percentile` for AutoClip, a deque of (loss, norm)
+pairs for skip_spikes), with Python branches and
 float64 throughout, rather than the package's branch-free vectorised forms,
 so that agreement between the two means something.
 """
@@ -10,6 +11,7 @@ so that agreement between the two means something.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import jax
@@ -249,6 +251,54 @@ class AutoClipRef:
     self.norms.append(g)
     thr = float(np.percentile(self.norms[-self.window:], self.percentile))
     return (thr / g if g > thr else 1.0), thr
+
+
+@dataclass
+class SkipSpikesRef:
+  """skip_spikes' rule on a stream of (loss, norm) pairs, in float64.
+
+  ``history`` is a deque of the last ``window`` finite pairs; a step updated
+  without a loss records ``(None, norm)``, and the loss test only reads the
+  losses that are there. A test needs two values for a sample standard
+  deviation.
+  """
+
+  window: int = 128
+  sigma: float = 6.0
+  history: deque = field(init=False)
+  skips: int = 0
+  nonfinite: int = 0
+
+  def __post_init__(self):
+    self.history = deque(maxlen=self.window)
+
+  def _test(self, x: float, values: list) -> tuple[bool, float]:
+    """(outlier, threshold) of the one-sided test of ``x`` on ``values``."""
+    if len(values) + 1 < max(2, self.window // 2) or len(values) < 2:
+      return False, math.inf
+    mean = math.fsum(values) / len(values)
+    var = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    std = math.sqrt(var)
+    return x - mean > self.sigma * std, mean + self.sigma * std
+
+  def step(self, norm: float, loss: float | None = None) -> dict:
+    """Feeds one step; returns whether it is skipped, and the thresholds."""
+    norm_out, norm_thr = self._test(norm, [g for _, g in self.history])
+    loss_out, loss_thr = False, math.inf
+    if loss is not None:
+      loss_out, loss_thr = self._test(
+          loss, [x for x, _ in self.history if x is not None])
+    out = dict(loss_threshold=loss_thr, norm_threshold=norm_thr)
+    if not math.isfinite(norm) or (loss is not None
+                                   and not math.isfinite(loss)):
+      self.skips += 1
+      self.nonfinite += 1
+      return dict(out, skip=True, nonfinite=True)
+    skip = norm_out or loss_out
+    self.skips += skip
+    self.history.append((loss, norm))
+    return dict(out, skip=skip, nonfinite=False, loss_out=loss_out,
+                norm_out=norm_out)
 
 
 def run_without_host_transfer(update, state, seq):
