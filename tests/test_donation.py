@@ -7,7 +7,9 @@ share one buffer, so: no leaf of any state from ``init`` or ``update`` may
 share a buffer with another; every transform chained before AdamW runs under
 ``jax.jit`` with donation and under ``nnx.jit(donate_argnums=(0, 1))``, each
 compiling its step once; and an Orbax checkpoint of a donated state, restored
-mid-run, continues bit-identically. (The same under sharded jit on 8 devices
+mid-run, continues bit-identically. `skip_spikes` wraps the whole chain and
+is passed the loss; its decisions are checked against its float64
+reference. (The same under sharded jit on 8 devices
 is in ``multidevice/test_donation_sharded.py``.) The values are checked
 against float64 norms so that a donated run is known to be right, not only to
 run.
@@ -24,10 +26,18 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from references import tree_norm64
+from transforms import (
+  FACTORIES,
+  TRANSFORMS,
+  chain_state,
+  counted_steps,
+  grad_norm,
+  reference,
+  with_adamw,
+)
 
 import optax_zclip
-from references import tree_norm64
-from transforms import FACTORIES, TRANSFORMS, with_adamw
 
 # A bf16 leaf among float32 ones, as mixed-precision models have.
 SHAPES = {"w": (16, 8), "b": (8,), "emb": (4, 16)}
@@ -45,6 +55,11 @@ def _grads(t):
   scale = 20.0 if t == SPIKE else 1.0
   return {k: jnp.asarray(rng.standard_normal(s) * 0.05 * scale, DTYPES[k])
           for k, s in SHAPES.items()}
+
+
+def _loss(t):
+  """The loss passed as ``value=`` (which only `skip_spikes` reads)."""
+  return np.float32(2.0 - 0.01 * t + 0.02 * np.sin(t) + 3.0 * (t == SPIKE))
 
 
 def _buffers(tree):
@@ -81,16 +96,16 @@ def test_no_two_leaves_of_a_state_share_a_buffer(name):
   eager = tx.init(params)
   _assert_own_buffers(eager, "init")
   _assert_own_buffers(jax.jit(tx.init)(params), "jitted init")
-  _, state = tx.update(_grads(0), eager, params)
+  _, state = tx.update(_grads(0), eager, params, value=_loss(0))
   _assert_own_buffers(state, "update")
-  _, state = jax.jit(tx.update)(_grads(1), state, params)
+  _, state = jax.jit(tx.update)(_grads(1), state, params, value=_loss(1))
   _assert_own_buffers(state, "jitted update")
 
 
 def _make_step(tx, traces):
-  def step(params, opt_state, grads):
+  def step(params, opt_state, grads, loss):
     traces.append(1)  # runs once per trace, never per call
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return (optax.apply_updates(params, updates), opt_state,
             optax_zclip.stats(opt_state))
 
@@ -99,16 +114,16 @@ def _make_step(tx, traces):
 
 def _undonated_run(name):
   tx = with_adamw(name)
-  step = jax.jit(lambda p, s, g: _apply(tx, p, s, g))
+  step = jax.jit(lambda p, s, g, x: _apply(tx, p, s, g, x))
   params = _params()
   state = tx.init(params)
   for t in range(STEPS):
-    params, state = step(params, state, _grads(t))
+    params, state = step(params, state, _grads(t), _loss(t))
   return params, state
 
 
-def _apply(tx, params, state, grads):
-  updates, state = tx.update(grads, state, params)
+def _apply(tx, params, state, grads, loss):
+  updates, state = tx.update(grads, state, params, value=loss)
   return optax.apply_updates(params, updates), state
 
 
@@ -128,17 +143,22 @@ def test_jax_jit_with_params_and_state_donated(name):
   step = _make_step(tx, traces)
   params = _params()
   state = tx.init(params)  # a fresh state, donated on the very first step
+  ref = reference(name)
   for t in range(STEPS):
     # AdamW's moments and the params: gradient-sized, updated in place.
-    old = jax.tree.leaves((params, state[1]))
+    old = jax.tree.leaves((params, chain_state(name, state)[1]))
     grads = _grads(t)
-    params, state, logged = step(params, state, grads)
+    params, state, logged = step(params, state, grads, _loss(t))
     # Donated means consumed: the old buffers are gone. (Telemetry fields
     # that the next update does not read are not inputs of the compiled
     # step, so JAX leaves them alone.)
     assert all(x.is_deleted() for x in old)
-    np.testing.assert_allclose(logged["grad_norm"],
-                               tree_norm64(jax.tree.leaves(grads)), rtol=1e-5)
+    norm64 = tree_norm64(jax.tree.leaves(grads))
+    np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
+    if ref is not None:
+      skip = ref.step(norm64, float(_loss(t)))["skip"]
+      assert int(logged["skip/skipped"]) == skip, t
+      assert skip or t != SPIKE
   assert len(traces) == 1 and step._cache_size() == 1
   # The same numbers as without donation (whose values the transforms' own
   # tests hold to float64 references), bit for bit.
@@ -173,7 +193,7 @@ def _nnx_step(traces):
       return jnp.mean((model(x) - y) ** 2)
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
+    optimizer.update(model, grads, value=loss)
     return loss, grads, optax_zclip.stats(optimizer)
 
   return train_step
@@ -185,14 +205,21 @@ def test_nnx_jit_with_model_and_optimizer_donated(name):
   optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
   traces = []
   train_step = _nnx_step(traces)
+  ref = reference(name)
   for t in range(STEPS):
-    old = jax.tree.leaves((nnx.state(model), optimizer.opt_state[1]))
-    _, grads, logged = train_step(model, optimizer, *_batch(t))
+    old = jax.tree.leaves((nnx.state(model),
+                           chain_state(name, optimizer.opt_state)[1]))
+    loss, grads, logged = train_step(model, optimizer, *_batch(t))
     assert all(x.is_deleted() for x in old)
-    np.testing.assert_allclose(logged["grad_norm"],
-                               tree_norm64(jax.tree.leaves(grads)), rtol=1e-5)
+    norm64 = tree_norm64(jax.tree.leaves(grads))
+    np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
+    if ref is not None:
+      skip = ref.step(norm64, float(loss))["skip"]
+      assert int(logged["skip/skipped"]) == skip, t
+      assert skip or t != SPIKE
   assert len(traces) == 1
-  assert int(logged["count"]) == STEPS
+  # The transform before AdamW saw every step but the skipped ones.
+  assert int(counted_steps(name, logged)) == STEPS - (ref.skips if ref else 0)
 
 
 def _split_run(name, save_at, directory):

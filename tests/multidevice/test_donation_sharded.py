@@ -17,10 +17,10 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from references import tree_norm64
+from transforms import TRANSFORMS, chain_state, grad_norm, reference, with_adamw
 
 import optax_zclip
-from references import tree_norm64
-from transforms import TRANSFORMS, with_adamw
 
 SHAPES = {"w": (16, 8), "b": (8,), "emb": (4, 16)}
 DTYPES = {"w": jnp.float32, "b": jnp.float32, "emb": jnp.bfloat16}
@@ -35,13 +35,18 @@ def _grads(t):
           for k, s in SHAPES.items()}
 
 
+def _loss(t):
+  """The loss passed as ``value=`` (which only `skip_spikes` reads)."""
+  return np.float32(2.0 - 0.01 * t + 0.02 * np.sin(t) + 3.0 * (t == SPIKE))
+
+
 def _run(name, shardings, init="jit"):
   tx = with_adamw(name)
   traces = []
 
-  def step(params, opt_state, grads):
+  def step(params, opt_state, grads, loss):
     traces.append(1)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     return (optax.apply_updates(params, updates), opt_state,
             optax_zclip.stats(opt_state))
 
@@ -53,10 +58,10 @@ def _run(name, shardings, init="jit"):
     # As sharded trainers build it: under jit, each param-shaped leaf
     # (AdamW's moments) sharded like its param, everything else (counters,
     # statistics, and AdaGC's per-tensor scalars, which optax also maps as
-    # params since they share the params' structure) replicated. An eager init would leave the scalars on one
-    # device, so the second step would see new input shardings and compile
-    # again (optax.adamw's own count does that too), as the "eager" case
-    # checks.
+    # params since they share the params' structure) replicated. An eager
+    # init would leave the scalars on one device, so the second step would
+    # see new input shardings and compile again (optax.adamw's own count
+    # does that too), as the "eager" case checks.
     abstract = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(shardings["w"].mesh, P())
     out = optax.tree_map_params(
@@ -66,16 +71,20 @@ def _run(name, shardings, init="jit"):
     state = jax.jit(tx.init, out_shardings=out)(params)
   else:
     state = tx.init(params)
+  ref = reference(name)
   for t in range(STEPS):
     grads = _grads(t)
     if shardings is not None:
       grads = jax.device_put(grads, shardings)
-    old = jax.tree.leaves((params, state[1]))
-    params, state, logged = step(params, state, grads)
+    old = jax.tree.leaves((params, chain_state(name, state)[1]))
+    params, state, logged = step(params, state, grads, _loss(t))
     assert all(x.is_deleted() for x in old)
-    np.testing.assert_allclose(logged["grad_norm"],
-                               tree_norm64(jax.tree.leaves(grads)),
-                               rtol=1e-5)
+    norm64 = tree_norm64(jax.tree.leaves(grads))
+    np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
+    if ref is not None:
+      skip = ref.step(norm64, float(_loss(t)))["skip"]
+      assert int(logged["skip/skipped"]) == skip, t
+      assert skip or t != SPIKE
   assert len(traces) == (1 if init == "jit" or shardings is None else 2)
   return params, state
 
