@@ -1,7 +1,8 @@
 """Every bad hyperparameter of every public function: a `ValueError` naming it.
 
 One table, `TABLE`, lists each argument of `zclip`, `adagc`, `autoclip`,
-`spike_mask`, `spike_score` and `count_spikes` with what it allows and bad
+`clip_by_global_norm`, `skip_spikes`, `spike_mask`, `spike_score` and
+`count_spikes` with what it allows and bad
 values for every constraint: out of range, non-finite, the wrong type
 (a string for a number, None where None is not allowed, a float for an
 integer), and arrays of the wrong rank. Each bad value must raise
@@ -70,6 +71,14 @@ TABLE = [
      [0, -1, 2.0, 1.5, True, "8", None, np.array([8]), jnp.asarray(8)]),
     ("clip_by_global_norm", "max_norm", "float > 0, or None",
      [0.0, -1.0, NAN, INF, "1.0", np.array([1.0, 2.0]), True]),
+    ("skip_spikes", "inner", "optax.GradientTransformation",
+     [None, optax.adamw, "adamw", (optax.sgd(1.0).init, optax.sgd(1.0).update),
+      optax.MultiSteps(optax.sgd(1.0), 2), 1.0]),
+    ("skip_spikes", "window", "Python integer >= 2 (not a jax array)",
+     [1, 0, -4, 128.0, 2.5, True, "128", None, np.array([128]),
+      jnp.asarray(128)]),
+    ("skip_spikes", "sigma", "finite float > 0",
+     [0.0, -6.0, INF, NAN, "6", None, np.array([6.0]), True]),
     (METRICS, "losses", "1-D array-like of real numbers",
      [np.zeros((2, 3)), 3.0, [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
       [1.0, None], "loss"]),
@@ -86,6 +95,8 @@ def _call(fn: str, arg: str, value):
     if arg == "losses":
       return f(value)
     return f(LOSSES, **{arg: value})
+  if fn == "skip_spikes" and arg != "inner":
+    return f(**{"inner": optax.sgd(1.0), arg: value})
   return f(**{arg: value})
 
 
@@ -133,6 +144,9 @@ GOOD = [
     ("autoclip", dict(percentile=np.float64(100.0), window=np.int32(7))),
     ("clip_by_global_norm", dict(max_norm=None)),
     ("clip_by_global_norm", dict(max_norm=np.float32(1e-30))),
+    ("skip_spikes", dict(inner=optax.identity(), window=2, sigma=1e-9)),
+    ("skip_spikes", dict(inner=optax.adam(1e-3), window=np.int64(10**4),
+                         sigma=np.float32(1e9))),
 ]
 
 
@@ -201,8 +215,9 @@ def errors_markdown() -> str:
       "(tracers inside `jax.jit`), whose value cannot be read without",
       "syncing with the host, so an injected `alpha=1.5` or a schedule that",
       "leaves the allowed range is not caught; only the rank (a scalar) is",
-      "checked. `autoclip`'s `window` sets the state's shape, so it must be",
-      "a Python int; with `inject_hyperparams` list it in `static_args`.",
+      "checked. `autoclip`'s and `skip_spikes`' `window` sets the state's",
+      "shape, so it must be a Python int; with `inject_hyperparams` list it",
+      "in `static_args`.",
       "`axis_name` is passed to `jax.lax.psum` as it is, and JAX reports an",
       "unknown axis name when the update is traced.",
       "",
