@@ -368,6 +368,35 @@ def _poison(grads):
   return bad
 
 
+def test_multisteps_drops_a_nan_micro_batch_with_skip_not_finite():
+  # Without should_skip_update_fn, MultiSteps would keep the NaN in its
+  # accumulator (0 * NaN at the reset) and every later step would be NaN.
+  k = 3
+  run = make_run(60, seed=8, events={30: ("norm", 30.0)})
+  tx = optax.MultiSteps(_skip_tx(7, 3.0), every_k_schedule=k,
+                        should_skip_update_fn=optax.skip_not_finite)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=7, sigma=3.0)
+  for i in range(0, len(run), k):
+    micro = run[i:i + k]
+    for j, (grads, _) in enumerate(micro):
+      mean_loss = float(np.mean([x for _, x in micro[:j + 1]]))
+      if i == 21 and j == 1:  # an extra, NaN micro-batch: dropped
+        params, state, _ = step(params, state, _poison(grads),
+                                      mean_loss)
+        assert int(state.mini_step) == j
+      params, state, _ = step(params, state, grads, mean_loss)
+    mean = {key: np.mean([np.asarray(g[key], np.float64) for g, _ in micro],
+                         axis=0) for key in SHAPES}
+    want = ref.step(tree_norm64(mean.values()), mean_loss)
+    assert int(state.inner_opt_state.skipped) == want["skip"], i
+    assert want["skip"] or i != 30
+  assert all(np.isfinite(np.asarray(p)).all() for p in params.values())
+  assert int(state.inner_opt_state.nonfinite_count) == 0
+
+
 def test_apply_if_finite_around_skip_spikes():
   # apply_if_finite rejects NaN steps before skip_spikes sees them; when it
   # gives up (3 in a row here), skip_spikes still skips the step.
@@ -381,7 +410,7 @@ def test_apply_if_finite_around_skip_spikes():
     if t == 20:
       for n in range(3):
         before_params, before = params, state.inner_state
-        params, state, updates = step(params, state, _poison(grads), loss)
+        params, state, _ = step(params, state, _poison(grads), loss)
         _assert_bit_identical(params, before_params)
         given_up = n == 2
         assert int(state.inner_state.nonfinite_count) == given_up
