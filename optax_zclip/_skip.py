@@ -188,10 +188,12 @@ def skip_spikes(
     [-1.] 1
 
   References:
-    OLMo-core's ``SkipStepOptimizer``,
-    https://github.com/allenai/OLMo-core/blob/main/src/olmo_core/optim/skip_step_optimizer.py;
-    Team OLMo, `2 OLMo 2 Furious <https://arxiv.org/abs/2501.00656>`_,
-    2025.
+    The rule of OLMo-core's ``SkipStepOptimizer``:
+    https://github.com/allenai/OLMo-core/blob/fa6c5014c9f6e9ee789da2d9c20d5126fee8df0d/src/olmo_core/optim/skip_step_optimizer.py.
+    The same rule as optax wrappers: MaxText's ``skip_step_on_spikes``,
+    https://github.com/AI-Hypercomputer/maxtext/blob/e591f30cbbf217ed67ef71263ec0538239f9c3b8/src/maxtext/optimizers/optimizers.py,
+    and Levanter's ``SkipStepConfig``,
+    https://github.com/marin-community/levanter/blob/9263f81e8b453241332c2c0b2d2001bfb2d2241c/src/levanter/optim/skipstep.py.
   """
   if not isinstance(inner, optax.GradientTransformation):
     raise ValueError(

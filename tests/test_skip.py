@@ -632,18 +632,30 @@ def _gradient_reductions(text):
                 if s in ("f32[96,160]", "f32[3,40,72]"))
 
 
-def test_the_norm_is_reduced_once_when_zclip_measures_it_too():
-  zclip_adamw = optax.chain(optax_zclip.zclip(), optax.adamw(1e-3))
-  alone = _gradient_reductions(_compiled_text(zclip_adamw))
+def _gradient_buffers(text):
+  """How many gradient-sized arrays the step's fusions write out."""
+  entry = text[text.index("\nENTRY"):]
+  return [len(re.findall(rf"= f32\[{','.join(map(str, s))}\]\S* fusion\(",
+                         entry)) for s in HLO_SHAPES.values()]
+
+
+@pytest.mark.parametrize("clip", [
+    optax_zclip.zclip, lambda: optax_zclip.clip_by_global_norm(1.0)],
+                         ids=["zclip", "clip_by_global_norm"])
+def test_the_norm_is_reduced_once_when_the_inner_clip_measures_it_too(clip):
+  alone = _gradient_reductions(_compiled_text(
+      optax.chain(clip(), optax.adamw(1e-3))))
   assert alone == ["f32[3,40,72]", "f32[96,160]"]  # one read per leaf
-  # Wrapped, XLA merges skip_spikes' norm with ZClip's (the same reduction
-  # of the same updates): still one per leaf.
-  wrapped = _gradient_reductions(_compiled_text(optax_zclip.skip_spikes(
-      optax.chain(optax_zclip.zclip(), optax.adamw(1e-3)))))
-  assert wrapped == alone
-  # The check sees a second read: ZClip measuring scaled updates cannot
+  # Wrapped, XLA merges skip_spikes' norm with the clip's (the same
+  # reduction of the same updates): still one per leaf.
+  wrapped_text = _compiled_text(optax_zclip.skip_spikes(
+      optax.chain(clip(), optax.adamw(1e-3))))
+  assert _gradient_reductions(wrapped_text) == alone
+  # The selects of a skip fuse into AdamW's passes: no array written more.
+  assert _gradient_buffers(wrapped_text) == _gradient_buffers(_compiled_text(
+      optax.chain(clip(), optax.adamw(1e-3))))
+  # The check sees a second read: a clip measuring scaled updates cannot
   # share the norm.
   apart = _gradient_reductions(_compiled_text(optax_zclip.skip_spikes(
-      optax.chain(optax.scale(2.0), optax_zclip.zclip(),
-                  optax.adamw(1e-3)))))
+      optax.chain(optax.scale(2.0), clip(), optax.adamw(1e-3)))))
   assert apart == sorted(alone * 2)
