@@ -3,25 +3,29 @@
 Trains the same small LLaMA-style byte model (`model.py`), from the same
 init, on the same batches of the bundled corpus (`data.py`), at a high peak
 learning rate, once per clipping method, each chained before AdamW with
-warm-up and cosine decay as in the ZClip paper's Table 1 (`config.py`). Then
-writes to ``--out``:
+warm-up and cosine decay as in the ZClip paper's Table 1 (`config.py`), by
+one train step for every method (`train.py`). Then writes to ``--out``:
 
 * ``metrics.jsonl``: one line per method and step: loss, probe loss (a fixed
   held-out batch, measured every step), learning rate,
   gradient norm before and after clipping, the clipping threshold, whether
   the step was clipped, whether ZClip detected a spike, whether the probe
   loss spiked;
-* ``loss.png`` and ``grad_norm.png``: all methods on shared axes;
+* ``loss.png`` and ``grad_norm.png``: all methods on shared axes
+  (`plots.py`);
 * ``summary.json``: per method the final and held-out loss, loss-spike count
   and score of the probe loss (`optax_zclip.count_spikes` / `spike_score`),
   the same count on the training loss, clipped steps and
   speed, plus the configuration; the same table is printed.
 
 Each method checkpoints with Orbax (model, optimizer and clipping state)
-under ``--out/<method>/``; ``--resume`` continues from there.
+under ``--out/<method>/``; ``--resume`` continues from there. The command is
+the thin ``examples/spike_demo.py``, which runs this file's `main`; running
+this file directly does the same:
 
-  python examples/spike_demo.py                  # defaults, ~5 minutes on 2 cores
+  python examples/spike_demo.py            # defaults, ~5 minutes on 2 cores
   python examples/spike_demo.py --steps 200 --methods zclip,clip --out /tmp/x
+  python examples/spike_demo/main.py --steps 200
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ import numpy as np
 from tqdm import tqdm
 
 import optax_zclip
+
 from config import parse_args
 from data import load_corpus
-from plots import plot_grad_norm, plot_loss, series
 from model import num_params
+from plots import plot_grad_norm, plot_loss, series
 from train import make_model, run_method
 
 
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   with open(out / "metrics.jsonl", "w") as f:
     for method, result in results.items():
-      for row, spike in zip(result.rows, masks[method]):
+      for row, spike in zip(result.rows, masks[method], strict=True):
         f.write(json.dumps({"method": method, **row,
                             "loss_spike": bool(spike)}) + "\n")
   title = (f"{cfg.d_model}-wide, {cfg.n_layers}-layer byte LM, peak lr "
