@@ -24,7 +24,7 @@ the thin ``examples/spike_demo.py``, which runs this file's `main`; running
 this file directly does the same:
 
   python examples/spike_demo.py            # defaults, ~5 minutes on 2 cores
-  python examples/spike_demo.py --steps 200 --methods zclip,clip --out /tmp/x
+  python examples/spike_demo.py --steps 200 --methods zclip,clip --out runs/x
   python examples/spike_demo/main.py --steps 200
 """
 

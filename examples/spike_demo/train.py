@@ -113,7 +113,7 @@ def _json_scalar(v: Any) -> Any:
 
 
 def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
-          before: dict) -> tuple[list[dict], dict]:
+              before: dict) -> tuple[list[dict], dict]:
   """Host rows of consecutive steps' metrics, JSON-ready (NaN, Inf -> None).
 
   Every field comes from the step's loss and its clipping telemetry, by the
