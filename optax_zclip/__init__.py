@@ -4,14 +4,19 @@
 gradients with ZClip (Kumar et al., arXiv 2504.02507), making the same
 decisions as the authors' PyTorch code. `adagc` (per-tensor, Wang et al.,
 arXiv 2502.11034) and `autoclip` (percentile, Seetharaman et al., arXiv
-2007.14469) are the alternatives, and `spike_score` / `count_spikes` measure
-the loss spikes they are meant to prevent.
+2007.14469) are the alternatives, `clip_by_global_norm` the fixed threshold
+with the same telemetry; `stats` reads what any of them did from an optimizer
+state, and `spike_score` / `count_spikes` measure the loss spikes they are
+meant to prevent. `skip_spikes` wraps a whole optimizer and skips the steps
+whose loss or gradient norm is an extreme outlier (OLMo-core's rule).
 """
 
 from optax_zclip._adagc import AdaGCState, adagc
 from optax_zclip._autoclip import AutoClipState, autoclip
+from optax_zclip._clip import ClipByGlobalNormState, clip_by_global_norm
 from optax_zclip._metrics import count_spikes, spike_mask, spike_score
-from optax_zclip._stats import stats
+from optax_zclip._skip import SkipSpikesState, skip_spikes
+from optax_zclip._stats import loggable_state, stats
 from optax_zclip._zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
@@ -19,10 +24,15 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaGCState",
     "AutoClipState",
+    "ClipByGlobalNormState",
+    "SkipSpikesState",
     "ZClipState",
     "adagc",
     "autoclip",
+    "clip_by_global_norm",
     "count_spikes",
+    "loggable_state",
+    "skip_spikes",
     "spike_mask",
     "spike_score",
     "stats",

@@ -10,18 +10,27 @@ import optax
 
 from optax_zclip import _numerics, _validation
 from optax_zclip._numerics import F32, AxisName
+from optax_zclip._stats import loggable_state
 
 
+@loggable_state(
+    "adagc",
+    fields=("count", "grad_norm", "clipped_norm", "num_clipped",
+            "nonfinite_count"))
 class AdaGCState(NamedTuple):
   """State of `adagc`: one reference norm per tensor, plus telemetry.
 
+  `optax_zclip.stats` reports every field but ``gamma``.
+
   Attributes:
-    count: int32 scalar, number of steps taken. Warm-up lasts while
-      ``count < warmup_steps``.
+    count: int32 scalar, number of steps whose global norm was finite (as
+      for `zclip` and `autoclip`). Warm-up lasts while ``count <
+      warmup_steps``, so a NaN or Inf step does not use up a warm-up step;
+      such steps are counted in ``nonfinite_count`` instead.
     gamma: a pytree with the structure of the updates whose leaves are
       float32 scalars: each tensor's reference norm (the running minimum of
       its clipped norm during warm-up, then an EMA of it). ``inf`` until the
-      tensor has had a finite, non-zero norm.
+      tensor has had a finite, non-zero norm on a finite step.
     grad_norm: float32 scalar, global L2 norm of the last step's incoming
       updates (NaN or Inf if that step was non-finite).
     clipped_norm: float32 scalar, global norm of the last step's outgoing
@@ -29,7 +38,7 @@ class AdaGCState(NamedTuple):
     num_clipped: int32 scalar, number of tensors scaled down in the last
       step.
     nonfinite_count: int32 scalar, cumulative number of steps whose global
-      norm was NaN or Inf.
+      norm was NaN or Inf; they leave ``count`` and ``gamma`` untouched.
   """
 
   count: jax.Array
@@ -41,8 +50,8 @@ class AdaGCState(NamedTuple):
 
 
 def adagc(
-    lambda_rel: jax.typing.ArrayLike = 1.05,
-    beta: jax.typing.ArrayLike = 0.98,
+    lambda_rel: jax.typing.ArrayLike = 1.04,
+    beta: jax.typing.ArrayLike = 0.99,
     warmup_steps: jax.typing.ArrayLike = 100,
     max_grad_norm: jax.typing.ArrayLike | None = 1.0,
     eps: jax.typing.ArrayLike = 1e-6,
@@ -54,44 +63,69 @@ def adagc(
   Where ZClip watches one global norm, AdaGC keeps a reference norm
   ``gamma_i`` per tensor (leaf) and clips each tensor separately, so a spike
   confined to one layer is caught even when the global norm barely moves.
+  The rule is that of the authors' released code (their Megatron-LM patch).
 
   During the first ``warmup_steps`` steps the whole update is clipped to the
   global norm ``max_grad_norm`` (factor ``min(1, max_grad_norm / (G +
-  eps))``) and ``gamma_i`` is the running minimum of tensor i's clipped
-  norm. Afterwards, with ``n_i`` the tensor's norm,
+  eps))``, ``G`` the global norm) and ``gamma_i`` is the running minimum of
+  tensor i's clipped norm. Afterwards, with ``n_i`` the tensor's norm,
 
   .. math::
-    h_i = \min\left(1, \lambda_{rel} \frac{\gamma_i}{n_i + \epsilon}\right),
-    \qquad g_i \leftarrow h_i\, g_i, \qquad
-    \gamma_i \leftarrow \beta \gamma_i + (1 - \beta)\, h_i n_i .
+    h_i = \begin{cases}
+      \lambda_{rel} \gamma_i / (n_i + \epsilon)
+        & \text{if } n_i > \lambda_{rel} \gamma_i \\
+      1 & \text{otherwise}
+    \end{cases}, \qquad g_i \leftarrow h_i\, g_i, \qquad
+    \gamma_i \leftarrow \beta \gamma_i
+      + (1 - \beta) \min(n_i, \lambda_{rel} \gamma_i).
 
-  Beyond the paper:
+  The EMA is fed the clipped norm ``min(n_i, lambda_rel * gamma_i)``
+  exactly, as the authors' code does, not ``h_i * n_i``: the two differ by
+  the factor ``n_i / (n_i + eps)``, which would drag ``gamma_i`` of a
+  tensor whose norm is near ``eps`` down on every clipped step.
+
+  Beyond the authors' code:
 
   * Norms are accumulated in float32 whatever the updates' dtype; the
     updates keep their dtype; ``gamma`` is float32. A finite tensor has a
     finite norm however large (a float32 sum of squares that overflows is
     redone after rescaling, only on such a step), so a 1e20 tensor is
     clipped, not passed through as non-finite.
-  * A tensor whose norm is NaN or Inf passes through unscaled and keeps its
-    ``gamma_i``. A step whose global norm is non-finite during warm-up
-    (when the clip factor is undefined) passes through and changes no
-    ``gamma``; ``nonfinite_count`` counts such steps, so that
-    `optax.apply_if_finite` can skip them.
+  * A step whose global norm is NaN or Inf is not a step: ``count`` and
+    every ``gamma_i`` stay as they were and ``nonfinite_count`` goes up, so
+    the run continues as if the step had not happened (the authors'
+    float16 setup skips such a step before clipping). During warm-up, when
+    the clip factor is undefined, its updates pass through; afterwards its
+    finite tensors are still clipped against their ``gamma_i`` and its
+    non-finite tensors pass through unscaled, so that
+    `optax.apply_if_finite` can skip the step.
   * A tensor whose norm is exactly 0 (frozen, or masked) is not an
     observation: its ``gamma_i`` stays as it is, rather than collapsing to
     0 and zeroing that tensor for the rest of training.
-  * ``gamma_i`` starts at ``inf``; a tensor first seen with a finite norm
-    after warm-up seeds its ``gamma_i`` with that norm, unclipped.
+  * ``gamma_i`` starts at ``inf`` (the authors' "no state yet"). A tensor
+    first seen with a finite, non-zero norm after warm-up starts from
+    ``gamma_i = n_i`` and the rule above applies, so with ``lambda_rel >=
+    1`` it passes unclipped.
+  * ``max_grad_norm=None`` leaves warm-up steps unclipped (the authors'
+    code runs only with a cap), and ``eps`` may be 0.
 
   Args:
     lambda_rel: relative clipping threshold: a tensor is clipped when its
-      norm exceeds ``lambda_rel * gamma_i``. > 0.
-    beta: EMA smoothing of ``gamma``, in (0, 1).
+      norm exceeds ``lambda_rel * gamma_i``. > 0. The default 1.04 is the
+      authors' released code's (``--clip-ratio`` in their Megatron-LM
+      patch, ``clip_ratio`` of Paddle's ``ClipGradByAdaptiveNorm``); the
+      paper's first version used 1.05.
+    beta: EMA smoothing of ``gamma``, in (0, 1). The default 0.99 is the
+      released code's (``--clip-beta``, Paddle's ``beta``); the paper's first
+      version used 0.98.
     warmup_steps: steps of global-norm clipping that seed ``gamma``; an
-      integer in [1, 2**31 - 1].
+      integer in [1, 2**31 - 1]. The default 100 is the released code's
+      (``start_clip_steps``) and the paper's.
     max_grad_norm: the global norm cap during warm-up (the paper's
-      ``lambda_abs``); None or inf for no cap. > 0.
-    eps: added to the norms in the denominators; finite and >= 0.
+      ``lambda_abs``, Megatron-LM's ``--clip-grad``, 1.0 in the authors'
+      scripts); None or inf for no cap. > 0.
+    eps: added to the norms in the denominators; finite and >= 0. The
+      default 1e-6 is the Megatron-LM patch's (Paddle's is 1e-8).
     axis_name: a mesh axis name (or tuple of names) over which the per-tensor
       squared norms are ``psum``-ed (in one collective), inside
       `jax.shard_map` or `jax.pmap` when each device holds a slice of every
@@ -116,13 +150,16 @@ def adagc(
     ...   out, state = tx.update({"a": jnp.ones(1), "b": jnp.array([b])},
     ...                          state)
     >>> print(float(out["a"][0]), round(float(out["b"][0]), 3))
-    1.0 1.05
+    1.0 1.04
     >>> print(int(state.num_clipped))
     1
 
   References:
     Wang et al., `AdaGC: Improving Training Stability for Large Language
-    Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+    Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025; the
+    authors' code, `lishuai-97/AdaGC <https://github.com/lishuai-97/AdaGC>`_
+    (class ``AdaGC`` in ``megatron/optimizer/clip_grads.py`` of its
+    Megatron-LM patch).
   """
   check = _validation.check_number
   check("lambda_rel", lambda_rel, lambda v: v > 0, "finite and > 0",
@@ -161,33 +198,45 @@ def adagc(
     warm = state.count < warmup_steps
 
     # Warm-up: one global factor; gamma is the running min of clipped norms.
+    # The factor is applied when below 1 (Megatron-LM's convention, which
+    # the authors' warm-up reuses), so eps decides a norm within eps of the
+    # cap.
     f = jnp.ones([], F32)
     if max_grad_norm is not None:
       # cap / 0 = inf, so a zero norm gives min(1, inf) = 1, not NaN.
       f = jnp.minimum(1.0, _numerics.as_f32(max_grad_norm) / (g + e))
       f = jnp.where(finite_g, f, 1.0)
-    warm_gamma = jnp.where(observed & finite_g,
-                           jnp.minimum(gamma, f * norms), gamma)
+    warm_gamma = jnp.where(observed, jnp.minimum(gamma, f * norms), gamma)
+    warm_clipped = (f < 1) & (norms > 0)
 
-    # After warm-up: per-tensor factor against gamma, then gamma's EMA.
-    seeded = jnp.isfinite(gamma)
-    act = observed & seeded
-    ratio = lam * gamma / jnp.where(act, norms + e, 1.0)
-    h = jnp.where(act, jnp.minimum(1.0, ratio), 1.0)
-    ema_gamma = jnp.where(
-        observed, jnp.where(seeded, b * gamma + (1 - b) * h * norms, norms),
-        gamma)
+    # After warm-up: per-tensor limit against gamma, then gamma's EMA. A
+    # tensor with no gamma yet starts from its own norm, as in the authors'
+    # code.
+    ref = jnp.where(jnp.isfinite(gamma), gamma, norms)
+    limit = lam * ref
+    clip = observed & (norms > limit)
+    h = jnp.where(clip, limit / jnp.where(clip, norms + e, 1.0), 1.0)
+    # The EMA takes min(n, limit) itself, not h * n = limit * n / (n + eps),
+    # which is smaller, by a lot for a tensor whose norm is near eps.
+    fed = jnp.where(clip, limit, norms)
+    ema_gamma = jnp.where(observed, b * ref + (1 - b) * fed, gamma)
 
     scales = jnp.where(warm, f, h)
-    new_gamma = jnp.where(warm, warm_gamma, ema_gamma)
-    out = treedef.unflatten([_numerics.scale_leaf(x, s)
-                             for x, s in zip(leaves, scales, strict=True)])
+    # A non-finite step is not an observation for any tensor (like ZClip's
+    # statistics); count does not move either, so gamma and count agree on
+    # how many steps gamma has seen.
+    new_gamma = jnp.where(finite_g, jnp.where(warm, warm_gamma, ema_gamma),
+                          gamma)
+    out = treedef.unflatten(
+        [_numerics.scale_leaf(x, s)
+         for x, s in zip(leaves, scales, strict=True)])
     new_state = AdaGCState(
-        count=optax.safe_increment(state.count),
+        count=_numerics.increment_where(finite_g, state.count),
         gamma=treedef.unflatten(list(new_gamma)),
         grad_norm=g,
         clipped_norm=_numerics.norm_of_norms(norms * scales),
-        num_clipped=jnp.sum((scales < 1) & (norms > 0)).astype(jnp.int32),
+        num_clipped=jnp.where(warm, jnp.sum(warm_clipped),
+                              jnp.sum(clip)).astype(jnp.int32),
         nonfinite_count=_numerics.increment_where(~finite_g,
                                                 state.nonfinite_count),
     )

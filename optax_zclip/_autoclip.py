@@ -10,10 +10,17 @@ import optax
 
 from optax_zclip import _numerics, _validation
 from optax_zclip._numerics import F32, AxisName
+from optax_zclip._stats import loggable_state
 
 
+@loggable_state(
+    "autoclip",
+    fields=("count", "grad_norm", "clipped_norm", "threshold",
+            "nonfinite_count"))
 class AutoClipState(NamedTuple):
   """State of `autoclip`: a ring buffer of recent norms, plus telemetry.
+
+  `optax_zclip.stats` reports every field but ``history``.
 
   Attributes:
     count: int32 scalar, number of finite norms recorded so far (the

@@ -20,9 +20,9 @@ import numpy as np
 
 from optax_zclip import _validation
 
-# Outputs are computed in blocks of at least this many steps, each with its
-# own reference value subtracted from the losses it reads (see `spike_mask`).
-_MIN_BLOCK = 4096
+# The exponent given to a zero or non-finite loss: below that of any nonzero
+# float64 (the smallest subnormal is 2**-1074), so it never sets a scale.
+_NO_EXPONENT = -1100
 
 
 def _as_losses(losses: Any) -> np.ndarray:
@@ -57,8 +57,130 @@ def _validate(window: Any, n_sigma: Any) -> tuple[int, float]:
   if arr.ndim != 0 or arr.dtype.kind not in "iuf":
     raise ValueError(f"`n_sigma` must be finite and > 0; got {n_sigma!r}.")
   n_sigma = float(arr)
-  _validation.check_number("n_sigma", n_sigma, lambda v: v > 0, "finite and > 0")
+  _validation.check_number("n_sigma", n_sigma, lambda v: v > 0,
+                           "finite and > 0")
   return window, n_sigma
+
+
+# Partial statistics of a set of finite losses, as a tuple of arrays
+# ``(count, exponent, mean, m2)``: the mean and the sum of squared deviations
+# from it, in units of ``2**exponent`` and ``4**exponent``, where
+# ``2**exponent`` bounds the magnitude of every loss in the set. Scaled so, the
+# mean lies in [-1, 1] and m2 is at most 4 * count: nothing overflows, not
+# even for losses near the float64 maximum, whose squares would.
+_Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _merge(a: _Stats, b: _Stats) -> _Stats:
+  """The statistics of the union of two disjoint sets of losses.
+
+  The pairwise update of Chan, Golub and LeVeque: every term of the new m2 is
+  non-negative, so nothing cancels, and an empty set (count 0) leaves the
+  other one exactly as it was.
+
+  Args:
+    a: the statistics of the earlier losses.
+    b: the statistics of the later losses, arrays of the same shape.
+
+  Returns:
+    The statistics of both, elementwise.
+  """
+  na, ea, ma, qa = a
+  nb, eb, mb, qb = b
+  e = np.maximum(ea, eb)
+  # Rescaling by a power of two is exact; what underflows here is below
+  # 2**-1022 of the largest loss of the union (of its square, for m2): far
+  # below the rounding error of the result.
+  ma, qa = np.ldexp(ma, ea - e), np.ldexp(qa, 2 * (ea - e))
+  mb, qb = np.ldexp(mb, eb - e), np.ldexp(qb, 2 * (eb - e))
+  n = na + nb
+  wb = nb / np.maximum(n, 1)
+  delta = mb - ma
+  return n, e, ma + delta * wb, qa + qb + delta * delta * (na * wb)
+
+
+def _block_scan(stats: _Stats, block: int, reverse: bool) -> _Stats:
+  """Running statistics from the start (or to the end) of each block.
+
+  The steps are cut into consecutive blocks of ``block`` steps. Entry ``i``
+  of the result holds the statistics of the losses of its block up to and
+  including step ``i`` (with ``reverse``, from step ``i`` to the block's
+  end). A doubling scan: after the pass with offset ``d``, entry ``i`` holds
+  the ``2 * d`` steps ending (starting) at ``i``, clipped to its block; that
+  is ceil(log2(block)) passes over the array, and each result is a balanced
+  tree of merges, whose rounding errors grow with the log of its length.
+
+  Args:
+    stats: the statistics of each single step.
+    block: the block length.
+    reverse: whether to scan towards the start of each block.
+
+  Returns:
+    The statistics of the block prefix (suffix) of each step.
+  """
+  n = stats[0].size
+  pos = np.arange(n) % block
+  d = 1
+  while d < min(block, n):
+    early = tuple(s[:-d] for s in stats)
+    late = tuple(s[d:] for s in stats)
+    merged = _merge(early, late)
+    if reverse:  # Entry i takes in entry i + d if it is in the same block.
+      ok = pos[:-d] + d < block
+      stats = tuple(np.concatenate([np.where(ok, m, s[:-d]), s[-d:]])
+                    for s, m in zip(stats, merged, strict=True))
+    else:  # Entry i takes in entry i - d if it is in the same block.
+      ok = pos[d:] >= d
+      stats = tuple(np.concatenate([s[:d], np.where(ok, m, s[d:])])
+                    for s, m in zip(stats, merged, strict=True))
+    d *= 2
+  return stats
+
+
+def _window_stats(x: np.ndarray, window: int) -> _Stats:
+  """The statistics of the finite losses in the window of each step.
+
+  The window of step ``t`` is ``x[max(0, t - window):t]``. With the steps
+  cut into blocks of ``window`` steps, it is, for ``t <= window``, the first
+  ``t`` steps of block 0, and otherwise the end of one block from step
+  ``t - window`` on followed by the start of the next one up to step
+  ``t - 1`` (empty when ``t - window`` starts a block). Both parts come from
+  `_block_scan`, so the statistics of a window are built from its own losses
+  only: a loss outside it, however large, cannot change them. (Running sums
+  over the whole curve, with the sums before the window subtracted, lose
+  every digit once they have held a loss of 1e8 next to losses of 1.)
+
+  Args:
+    x: the losses, float64.
+    window: the window length, >= 2.
+
+  Returns:
+    The statistics of the window of each step.
+  """
+  n = x.size
+  finite = np.isfinite(x)
+  mant, exp = np.frexp(np.where(finite, x, 0.0))  # x == mant * 2**exp.
+  exp = np.where(finite & (x != 0), exp, _NO_EXPONENT).astype(np.int32)
+  single = (finite.astype(np.int64), exp, mant, np.zeros(n))
+  empty = (np.zeros(n, np.int64), np.full(n, _NO_EXPONENT, np.int32),
+           np.zeros(n), np.zeros(n))
+
+  t = np.arange(n)
+  lo = t - window
+  head = _block_scan(single, window, reverse=False)
+  # The start of the window's second block, up to step t - 1.
+  use = (t >= 1) & ((lo <= 0) | (lo % window != 0))
+  at = np.maximum(t - 1, 0)
+  late = tuple(np.where(use, h[at], z) for h, z in zip(head, empty,
+                                                       strict=True))
+  if n <= window + 1:  # No window leaves block 0.
+    return _merge(empty, late)
+  tail = _block_scan(single, window, reverse=True)
+  use = lo > 0
+  at = np.maximum(lo, 0)
+  early = tuple(np.where(use, s[at], z) for s, z in zip(tail, empty,
+                                                        strict=True))
+  return _merge(early, late)
 
 
 def spike_mask(losses: Any, window: int = 1000,
@@ -79,10 +201,15 @@ def spike_mask(losses: Any, window: int = 1000,
   step whose window holds fewer than 2 finite losses is flagged only if its
   own loss is NaN or ``+inf``.
 
-  Runs in O(n) time on n losses, whatever the window: the window sums come
-  from cumulative sums in float64, over blocks of steps that each subtract a
-  reference value of their own from the losses first, so that an offset in
-  the loss (say 1e4 +- 1e-3) costs no precision.
+  Each window's mean and standard deviation are computed from its own losses
+  only, with no sums that cancel, so a huge loss (1e8, 1e300: a diverging
+  run) changes the statistics of the windows that hold it and of no other.
+  Runs in O(n log(window)) time on n losses (a million steps with a window
+  of 1000 take one or two seconds): the steps are cut into blocks of ``window``
+  steps, each window is the end of one block followed by the start of the
+  next, and the statistics of every block start and block end come from a
+  doubling scan that merges partial means and sums of squared deviations,
+  each scaled by a power of two so that squaring cannot overflow.
 
   Args:
     losses: the loss of each step, a 1-D array-like (a list, a NumPy or a JAX
@@ -141,23 +268,15 @@ def spike_mask(losses: Any, window: int = 1000,
   flat[idx] = changes[b[idx]] == changes[a[idx] + 1]
   last[idx] = f[b[idx] - 1]
 
-  spike = np.zeros(n, bool)
-  block = max(window, _MIN_BLOCK)
-  with np.errstate(all="ignore"):  # Only absurd losses (~1e154) overflow.
-    for b0 in range(0, n, block):
-      b1 = min(n, b0 + block)
-      s0 = lo[b0]  # Every window of this block lies in [s0, b1 - 1).
-      fin = finite[s0:b1]
-      ref = x[s0:b1][fin].mean() if fin.any() else 0.0
-      y = np.where(fin, x[s0:b1] - ref, 0.0)
-      c1 = np.concatenate([[0.0], np.cumsum(y)])
-      c2 = np.concatenate([[0.0], np.cumsum(y * y)])
-      i, j = lo[b0:b1] - s0, t[b0:b1] - s0
-      cnt = np.maximum(c[b0:b1], 1)
-      mean = (c1[j] - c1[i]) / cnt
-      var = np.maximum((c2[j] - c2[i]) / cnt - mean * mean, 0.0)
-      thresh = mean + n_sigma * np.sqrt(var)
-      spike[b0:b1] = (x[b0:b1] - ref) > thresh
+  # Compared in the window's units of 2**exp: the same roundings as
+  # `x > m + n_sigma * s` in the normal float64 range, and none lost where
+  # m or s would be subnormal or the threshold would overflow. A loss too
+  # large for those units is +inf there, so flagged, as it should be: the
+  # threshold there is at most about 1 + n_sigma.
+  cnt, exp, mean, m2 = _window_stats(x, window)
+  with np.errstate(over="ignore"):
+    std = np.sqrt(m2 / np.maximum(cnt, 1))
+    spike = np.ldexp(x, -exp) > mean + n_sigma * std
   spike = np.where(flat, x > last, spike)
   return mask | (has_stats & spike)
 

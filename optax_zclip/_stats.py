@@ -1,50 +1,113 @@
-"""Telemetry: find the clipping state in any optimizer state and report it."""
+"""Telemetry: find the clipping states in any optimizer state and report them.
+
+Each state class declares its own telemetry with `loggable_state`; `stats`
+only walks the optimizer state and asks every declared state it finds. A new
+transform therefore never edits this module.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
-from optax_zclip._adagc import AdaGCState
-from optax_zclip._autoclip import AutoClipState
-from optax_zclip._zclip import ZClipState
+Derived = Callable[[Mapping[str, jax.Array]], jax.Array]
+_StateT = TypeVar("_StateT", bound=type)
 
 
-def _scalars(*fields: str) -> Callable[[Mapping], dict[str, jax.Array]]:
-  return lambda state: {k: _unwrap(state[k]) for k in fields}
+class _Telemetry(NamedTuple):
+  name: str
+  fields: tuple[str, ...]
+  derived: tuple[tuple[str, Derived], ...]
 
 
-def _zclip_telemetry(state: Mapping) -> dict[str, jax.Array]:
-  out = _scalars(*ZClipState._fields)(state)
-  out["std"] = jnp.sqrt(out["var"])
-  return out
+# Every declared state class, in declaration order. Filled by
+# `loggable_state` when a transform's module is imported.
+_DECLARED: dict[type, _Telemetry] = {}
 
 
-# State class -> function from its fields (a mapping) to its telemetry: the
-# scalar fields, ready to log, plus derived values. Per-tensor and buffer
-# fields (AdaGC's gamma, AutoClip's history) are left out.
-_TELEMETRY: dict[type[NamedTuple], Callable[[Mapping], dict[str, jax.Array]]] = {
-    ZClipState: _zclip_telemetry,
-    AdaGCState: _scalars("count", "grad_norm", "clipped_norm", "num_clipped",
-                         "nonfinite_count"),
-    AutoClipState: _scalars("count", "grad_norm", "clipped_norm", "threshold",
-                            "nonfinite_count"),
-}
+def loggable_state(name: str, fields: tuple[str, ...],
+                   derived: Mapping[str, Derived] | None = None
+                   ) -> Callable[[_StateT], _StateT]:
+  """Class decorator: declares which fields of a state `stats` reports.
 
-_NAMES = {ZClipState: "zclip", AdaGCState: "adagc", AutoClipState: "autoclip"}
+  Put it on the ``NamedTuple`` state of a transform to make `stats` find that
+  state anywhere in an optimizer state and log it; nothing else needs to
+  know about the transform.
+
+  Args:
+    name: the prefix of the keys when `stats` finds several clipping states
+      (``"zclip"`` gives ``"zclip/grad_norm"``).
+    fields: the state's fields that are scalars worth logging every step
+      (per-tensor and buffer fields are left out).
+    derived: extra values computed from the declared fields, as a mapping
+      from key to a function of the mapping of those fields to their values
+      (``{"std": lambda s: jnp.sqrt(s["var"])}``).
+
+  Returns:
+    The decorator, which returns the class unchanged after registering it.
+
+  Raises:
+    ValueError: if a field is not one of the class's fields, a derived key
+      repeats a field, or another declared state has the same field names
+      (`stats` could not tell the two apart once ``nnx.state`` has turned
+      them into mappings).
+
+  Example:
+    >>> from typing import NamedTuple
+    >>> import jax, jax.numpy as jnp, optax_zclip
+    >>> @optax_zclip.loggable_state("myclip", fields=("grad_norm",))
+    ... class MyClipState(NamedTuple):
+    ...   grad_norm: jax.Array
+    ...   my_private_buffer: jax.Array
+    >>> s = optax_zclip.stats({"opt": MyClipState(jnp.array(1.5), 0.0)})
+    >>> {k: float(v) for k, v in s.items()}
+    {'grad_norm': 1.5}
+  """
+  derived = dict(derived or {})
+
+  def declare(cls: _StateT) -> _StateT:
+    own = tuple(getattr(cls, "_fields", ()))
+    unknown = [f for f in fields if f not in own]
+    if unknown:
+      raise ValueError(f"`fields` {unknown} are not fields of {cls.__name__} "
+                       f"({list(own)}).")
+    clash = sorted(set(derived) & set(fields))
+    if clash:
+      raise ValueError(f"`derived` keys {clash} repeat fields.")
+    for other in list(_DECLARED):
+      if (other.__module__, other.__qualname__) == (cls.__module__,
+                                                    cls.__qualname__):
+        del _DECLARED[other]  # The same class again (a module reloaded).
+      elif set(other._fields) == set(own):
+        raise ValueError(
+            f"{cls.__name__} has the same fields as {other.__name__}; "
+            "stats() could not tell them apart in an nnx.state mapping.")
+    _DECLARED[cls] = _Telemetry(name, tuple(fields), tuple(derived.items()))
+    return cls
+
+  return declare
 
 
-def _state_class(node: Any) -> type[NamedTuple] | None:
-  for cls in _TELEMETRY:
+def _is_nnx_state(node: Any) -> bool:
+  # `nnx.state(optimizer)` turns each NamedTuple into a flax `State` mapping
+  # of its field names. Only such mappings are matched by their keys: a
+  # user's plain dict with the same key names is not a clipping state.
+  return (isinstance(node, Mapping) and not isinstance(node, (dict, tuple))
+          and type(node).__module__.split(".")[0] == "flax")
+
+
+def _declared_class(node: Any) -> type | None:
+  for cls in _DECLARED:
     if isinstance(node, cls):
       return cls
-    # `nnx.state(optimizer)` turns NamedTuples into mappings of their fields.
-    if (isinstance(node, Mapping) and not isinstance(node, tuple)
-        and set(node.keys()) == set(cls._fields)):
-      return cls
+  if _is_nnx_state(node):
+    keys = set(node.keys())
+    for cls in _DECLARED:
+      if keys == set(cls._fields):
+        return cls
   return None
 
 
@@ -57,39 +120,80 @@ def _unwrap(field: Any) -> jax.Array:
   return jnp.asarray(leaves[0])
 
 
-def stats(opt_state: Any) -> dict[str, jax.Array]:
+def _report(cls: type, node: Any) -> dict[str, jax.Array]:
+  decl = _DECLARED[cls]
+  out = {k: _unwrap(node[k] if isinstance(node, Mapping)
+                    else getattr(node, k)) for k in decl.fields}
+  for key, fn in decl.derived:
+    out[key] = fn(out)
+  return out
+
+
+def _find(node: Any, path: tuple) -> Any:
+  """Yields ``(path, state, class)`` for every declared state in ``node``."""
+  cls = _declared_class(node)
+  if cls is not None:
+    yield path, node, cls
+  # A declared state may hold other states (`skip_spikes` keeps the state of
+  # the optimizer it wraps): its fields are searched too.
+  if _is_nnx_state(node):
+    # Walked by its items: flattening it would hand out its plain-dict
+    # insides, which no longer say they came from `nnx.state`.
+    for key, child in node.items():
+      yield from _find(child, (*path, jax.tree_util.DictKey(key)))
+  else:
+    children = jax.tree_util.tree_flatten_with_path(
+        node, is_leaf=lambda x: x is not node)[0]
+    is_leaf = (len(children) == 1 and children[0][0] == ()
+               and children[0][1] is node)
+    if not is_leaf:
+      for key, child in children:
+        yield from _find(child, (*path, *key))
+
+
+def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   """Telemetry of the clipping transform(s) inside an optimizer state.
 
   Searches any nesting of optimizer states, such as `optax.chain`,
-  `optax.inject_hyperparams`, `optax.MultiSteps`, a Flax ``nnx.Optimizer``
-  (pass the optimizer, its ``opt_state``, or ``nnx.state(optimizer)``), for
-  the states of `zclip`, `adagc` and `autoclip`, and returns their scalar
-  fields as float32 / int32 scalars, ready to log. Pure, so it can run inside
-  `jax.jit` and return the values with the rest of a train step's metrics.
+  `optax.inject_hyperparams`, `optax.MultiSteps`, `optax.apply_if_finite`,
+  a Flax ``nnx.Optimizer`` (pass the optimizer, its ``opt_state``, or
+  ``nnx.state(optimizer)``), for the states of this package's transforms
+  (and of any state declared with `loggable_state`), and returns their
+  scalar fields as float32 / int32 scalars, ready to log. Pure, so it can
+  run inside `jax.jit` and return the values with the rest of a train step's
+  metrics.
 
-  The keys are, for a `ZClipState`, its fields (``count``, ``mean``,
-  ``var``, ``grad_norm``, ``clipped_norm``, ``z_score``, ``threshold``,
-  ``spike_count``, ``nonfinite_count``) plus ``std = sqrt(var)``; for an
-  `AdaGCState` ``count``, ``grad_norm``, ``clipped_norm``, ``num_clipped``
-  and ``nonfinite_count``; for an `AutoClipState` ``count``, ``grad_norm``,
-  ``clipped_norm``, ``threshold`` and ``nonfinite_count``.
+  The keys are those each state declares:
+
+  * `zclip`: ``count``, ``mean``, ``var``, ``grad_norm``, ``clipped_norm``,
+    ``z_score``, ``threshold``, ``spike_count``, ``nonfinite_count``,
+    ``restart_count`` and ``std = sqrt(var)``;
+  * `adagc`: ``count``, ``grad_norm``, ``clipped_norm``, ``num_clipped``,
+    ``nonfinite_count``;
+  * `autoclip`: ``count``, ``grad_norm``, ``clipped_norm``, ``threshold``,
+    ``nonfinite_count``;
+  * `clip_by_global_norm`: ``count``, ``grad_norm``, ``clipped_norm``,
+    ``threshold``, ``clipped_count``, ``nonfinite_count``;
+  * `skip_spikes`: ``size``, ``skipped``, ``skip_count``,
+    ``nonfinite_count``, ``grad_norm``, ``loss_threshold``,
+    ``norm_threshold``, and the states inside the optimizer it wraps.
 
   If the state holds several clipping states, each key is prefixed with the
   transform's name and a slash (``"zclip/grad_norm"``, ``"adagc/..."``,
-  ``"autoclip/..."``); when one kind occurs more than once (say, one ZClip
-  per parameter group with `optax.partition`), the name is followed by the
-  state's path in brackets, ``"zclip[inner_states.a.inner_state]/..."``.
-  The keys are the same whether ``opt_state`` is an ``nnx.Optimizer`` or
-  ``nnx.state`` of it.
+  ``"autoclip/..."``, ``"clip/..."``, ``"skip/..."``); when one kind occurs
+  more than once (say, one ZClip per parameter group with `optax.partition`),
+  the name is followed by the state's path in brackets,
+  ``"zclip[inner_states.a.inner_state]/..."``. The keys are the same whether
+  ``opt_state`` is an ``nnx.Optimizer`` or ``nnx.state`` of it.
 
   Args:
     opt_state: an optimizer state, or any pytree containing one.
+    default: what to return when no clipping state is found; None (the
+      default) means an empty dict, so that one train step can log
+      ``stats(state)`` whatever the optimizer.
 
   Returns:
     A dict from metric name to scalar array.
-
-  Raises:
-    ValueError: if no clipping state is found.
 
   Example:
     >>> import jax.numpy as jnp
@@ -98,7 +202,9 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> sorted(optax_zclip.stats(state))  # doctest: +NORMALIZE_WHITESPACE
     ['clipped_norm', 'count', 'grad_norm', 'mean', 'nonfinite_count',
-     'spike_count', 'std', 'threshold', 'var', 'z_score']
+     'restart_count', 'spike_count', 'std', 'threshold', 'var', 'z_score']
+    >>> optax_zclip.stats(optax.adamw(1e-3).init({"w": jnp.zeros(3)}))
+    {}
 
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
@@ -106,29 +212,19 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     <https://arxiv.org/abs/2502.11034>`_, 2025; Seetharaman et al.,
     `AutoClip <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
-  found = [
-      (path, node) for path, node in jax.tree_util.tree_flatten_with_path(
-          opt_state, is_leaf=lambda x: _state_class(x) is not None)[0]
-      if _state_class(node) is not None
-  ]
+  found = list(_find(opt_state, ()))
   if not found:
-    names = ", ".join(cls.__name__ for cls in _TELEMETRY)
-    raise ValueError(
-        f"no clipping state ({names}) found in the optimizer state; pass the "
-        "state returned by `tx.init`/`tx.update` or an `nnx.Optimizer`.")
+    return {} if default is None else default
   result: dict[str, jax.Array] = {}
-  for path, node in found:
-    cls = _state_class(node)
-    fields = node if isinstance(node, Mapping) else node._asdict()
+  for path, node, cls in found:
     prefix = ""
     if len(found) > 1:
-      prefix = _NAMES[cls]
-      if sum(_state_class(n) is cls for _, n in found) > 1:
+      prefix = _DECLARED[cls].name
+      if sum(c is cls for _, _, c in found) > 1:
         # `simple` renders attribute, dict and sequence keys alike, so the
         # name does not depend on how an nnx.Optimizer was passed in.
         prefix += "[" + jax.tree_util.keystr(path, simple=True,
                                              separator=".") + "]"
       prefix += "/"
-    result.update(
-        {prefix + k: v for k, v in _TELEMETRY[cls](fields).items()})
+    result.update({prefix + k: v for k, v in _report(cls, node).items()})
   return result

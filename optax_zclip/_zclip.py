@@ -10,16 +10,22 @@ import optax
 
 from optax_zclip import _numerics, _validation
 from optax_zclip._numerics import F32, AxisName
+from optax_zclip._stats import loggable_state
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean", "max")
 
 
+@loggable_state(
+    "zclip",
+    fields=("count", "mean", "var", "grad_norm", "clipped_norm", "z_score",
+            "threshold", "spike_count", "nonfinite_count", "restart_count"),
+    derived={"std": lambda s: jnp.sqrt(s["var"])})
 class ZClipState(NamedTuple):
   """State of `zclip`: the norm statistics plus telemetry of the last step.
 
-  Every field is a scalar. The field names are public API: log them with
-  `optax_zclip.stats`.
+  Every field is a scalar. The field names are public API: `optax_zclip.stats`
+  reports all of them, plus ``std = sqrt(var)``.
 
   Attributes:
     count: int32, number of steps whose global norm was finite, i.e. the
@@ -46,6 +52,12 @@ class ZClipState(NamedTuple):
     spike_count: int32, cumulative number of steps detected as spikes.
     nonfinite_count: int32, cumulative number of steps whose global norm was
       NaN or Inf; they leave ``count``, ``mean`` and ``var`` untouched.
+    consecutive_spikes: int32, how many of the latest steps with a finite
+      norm were spikes in a row (0 after a step that was not a spike; a
+      non-finite step neither extends nor breaks the run).
+    restart_count: int32, cumulative number of times the statistics
+      restarted their warm-up after ``max_consecutive_spikes`` spikes in a
+      row (always 0 when it is None).
   """
 
   count: jax.Array
@@ -57,6 +69,8 @@ class ZClipState(NamedTuple):
   threshold: jax.Array
   spike_count: jax.Array
   nonfinite_count: jax.Array
+  consecutive_spikes: jax.Array
+  restart_count: jax.Array
 
 
 def _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor):
@@ -97,6 +111,7 @@ def zclip(
     clip_factor: jax.typing.ArrayLike = 1.0,
     skip_update_on_spike: bool = False,
     *,
+    max_consecutive_spikes: int | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   r"""ZClip: clips the global gradient norm when it is a z-score outlier.
@@ -161,6 +176,15 @@ def zclip(
       included (0.5-0.9 clips more aggressively). > 0.
     skip_update_on_spike: if True, a spike leaves the statistics unchanged
       instead of feeding them the clip value.
+    max_consecutive_spikes: None (the reference's behaviour), or an integer
+      N in [1, 2**31 - 1]: after N spikes in a row the statistics restart
+      their warm-up (``count``, ``mean`` and ``var`` as at init; the
+      telemetry counters are kept and ``restart_count`` goes up), so that the
+      next
+      ``warmup_steps`` norms seed them afresh. Without it, a norm that jumps
+      to a new level and stays there (or a ``clip_factor < 1``, which feeds
+      the statistics less than the threshold) can leave every later step a
+      spike, clipped to a stale mean for good.
     axis_name: a mesh axis name (or tuple of names) over which the squared
       norm is ``psum``-ed before the square root, for use inside
       `jax.shard_map` or `jax.pmap` when each device holds a slice of the
@@ -203,6 +227,9 @@ def zclip(
                                          CLIP_OPTIONS)
   _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor)
   _validation.check_bool("skip_update_on_spike", skip_update_on_spike)
+  if max_consecutive_spikes is not None:
+    _validation.check_int("max_consecutive_spikes", max_consecutive_spikes, 1,
+                          _validation.INT32_MAX)
 
   def init_fn(params):
     del params
@@ -211,7 +238,8 @@ def zclip(
         count=scalar(0, i32), mean=scalar(0.0), var=scalar(0.0),
         grad_norm=scalar(0.0), clipped_norm=scalar(0.0), z_score=scalar(0.0),
         threshold=scalar(jnp.inf if max_grad_norm is None else max_grad_norm),
-        spike_count=scalar(0, i32), nonfinite_count=scalar(0, i32))
+        spike_count=scalar(0, i32), nonfinite_count=scalar(0, i32),
+        consecutive_spikes=scalar(0, i32), restart_count=scalar(0, i32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -279,8 +307,21 @@ def zclip(
     new_mean = jnp.where(keep, mean, sat(jnp.where(warm, w_mean, e_mean)))
     new_var = jnp.where(keep, var, sat(jnp.where(warm, w_var, e_var)))
 
+    count = _numerics.increment_where(finite, state.count)
+    in_a_row = jnp.where(
+        finite, jnp.where(is_spike, optax.safe_increment(
+            state.consecutive_spikes), 0), state.consecutive_spikes)
+    restart = jnp.zeros([], bool)
+    if max_consecutive_spikes is not None:
+      # A level shift the statistics cannot follow: start them over.
+      restart = in_a_row >= max_consecutive_spikes
+      count = jnp.where(restart, 0, count)
+      new_mean = jnp.where(restart, 0.0, new_mean)
+      new_var = jnp.where(restart, 0.0, new_var)
+      in_a_row = jnp.where(restart, 0, in_a_row)
+
     new_state = ZClipState(
-        count=_numerics.increment_where(finite, state.count),
+        count=count,
         mean=new_mean,
         var=new_var,
         grad_norm=g,
@@ -290,6 +331,8 @@ def zclip(
         spike_count=_numerics.increment_where(is_spike, state.spike_count),
         nonfinite_count=_numerics.increment_where(~finite,
                                                 state.nonfinite_count),
+        consecutive_spikes=in_a_row.astype(jnp.int32),
+        restart_count=_numerics.increment_where(restart, state.restart_count),
     )
     return updates, new_state
 

@@ -1,8 +1,9 @@
-"""Test data and independent float64 NumPy models of the transforms (SPEC.md).
+"""Test data and independent float64 NumPy models of the transforms.
 
 The models follow the papers' and the reference code's procedures literally
 (ZClip's buffer of warm-up norms, per-tensor Python loops for AdaGC, a list
-of every norm and `np.percentile` for AutoClip), with Python branches and
+of every norm and `np.percentile` for AutoClip, a deque of (loss, norm)
+pairs for skip_spikes), with Python branches and
 float64 throughout, rather than the package's branch-free vectorised forms,
 so that agreement between the two means something.
 """
@@ -10,6 +11,7 @@ so that agreement between the two means something.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import jax
@@ -53,6 +55,7 @@ class ZClipRef:
   clip_option: str = "adaptive_scaling"
   clip_factor: float = 1.0
   skip_update_on_spike: bool = False
+  max_consecutive_spikes: int | None = None  # the package's opt-in restart
 
   buffer: list = field(default_factory=list)
   initialized: bool = False
@@ -60,6 +63,8 @@ class ZClipRef:
   var: float = 0.0
   spikes: int = 0
   nonfinite: int = 0
+  in_a_row: int = 0
+  restarts: int = 0
 
   def step(self, g: float) -> dict:
     """Feeds one global norm; returns the scale applied and the decision."""
@@ -107,6 +112,14 @@ class ZClipRef:
       x = clip_val if spike else g
       self.mean = self.alpha * self.mean + (1 - self.alpha) * x
       self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+    self.in_a_row = self.in_a_row + 1 if spike else 0
+    if (self.max_consecutive_spikes is not None
+        and self.in_a_row >= self.max_consecutive_spikes):
+      # Start over: the next warmup_steps norms seed the statistics anew.
+      self.initialized, self.buffer = False, []
+      self.mean = self.var = 0.0
+      self.in_a_row = 0
+      self.restarts += 1
     return dict(scale=scale, spike=spike, warmup=False, z=z, limit=limit)
 
   def running_stats(self) -> tuple[float, float]:
@@ -126,50 +139,97 @@ def leaf_norm64(x) -> float:
 
 @dataclass
 class AdaGCRef:
-  """AdaGC (arXiv 2502.11034) tensor by tensor, in float64, per SPEC.md."""
+  """AdaGC as its authors released it, tensor by tensor, in float64.
 
-  lambda_rel: float = 1.05
-  beta: float = 0.98
+  A transcription of the rule in the authors' Megatron-LM patch (class
+  ``AdaGC``, method ``clip_by_norm``, in ``megatron/optimizer/clip_grads.py``
+  of github.com/lishuai-97/AdaGC), with Python branches where the package
+  uses `jnp.where`:
+
+  * Steps are numbered from 1; step ``t`` is a warm-up step while ``t <=
+    warmup_steps``. A warm-up step multiplies every tensor by
+    ``max_grad_norm / (G + eps)`` when that is below 1 (``G`` the global
+    norm), then records each tensor's norm after that scaling: the first
+    record seeds the tensor's reference norm, later ones replace it only
+    when smaller.
+  * After warm-up a tensor with no reference yet takes its own norm as one.
+    A tensor whose norm ``n`` exceeds ``lambda_rel * ref`` is multiplied by
+    ``lambda_rel * ref / (n + eps)`` and counts as ``lambda_rel * ref`` in
+    the average; any other tensor counts as ``n``. Then ``ref <- beta * ref
+    + (1 - beta) * counted``.
+
+  Plus the package's documented extras (none of them reachable with the
+  authors' finite, non-zero gradients):
+
+  * A step with a NaN or Inf global norm is not a step: it gets no number
+    and records nothing. During warm-up it passes through; afterwards its
+    finite tensors are scaled as above without updating ``ref``.
+  * A tensor of norm 0 records nothing and passes through.
+  * ``max_grad_norm=None``: warm-up steps are not scaled.
+
+  ``gamma[i]`` is ``inf`` while tensor i has no reference, as in the
+  package's state; ``clipped[i]`` says whether the last step scaled tensor i
+  down.
+  """
+
+  lambda_rel: float = 1.04
+  beta: float = 0.99
   warmup_steps: int = 100
   max_grad_norm: float | None = 1.0
   eps: float = 1e-6
 
   gamma: list | None = None
-  t: int = 0
+  steps: int = 0  # finite steps taken
   nonfinite: int = 0
+  clipped: list = field(default_factory=list)
+
+  def _after_warmup(self, i: int, n: float) -> tuple[float, float, bool]:
+    """(factor, new reference, clipped?) of tensor i after warm-up."""
+    ref = n if math.isinf(self.gamma[i]) else self.gamma[i]
+    limit = self.lambda_rel * ref
+    if n > limit:
+      factor, counted = limit / (n + self.eps), limit
+    else:
+      factor, counted = 1.0, n
+    return factor, self.beta * ref + (1 - self.beta) * counted, n > limit
 
   def step(self, leaves) -> list:
     """Feeds one step's tensors; returns the factor applied to each."""
     norms = [leaf_norm64(x) for x in leaves]
-    big = math.sqrt(sum(n * n for n in norms))
+    total = math.sqrt(sum(n * n for n in norms))
     if self.gamma is None:
       self.gamma = [math.inf] * len(norms)
-    warm = self.t < self.warmup_steps
-    self.t += 1
-    if not math.isfinite(big):
+    warm = self.steps + 1 <= self.warmup_steps  # this step's number
+    if not math.isfinite(total):
       self.nonfinite += 1
+      factors = [1.0] * len(norms)
+      self.clipped = [False] * len(norms)
+      if not warm:
+        for i, n in enumerate(norms):
+          if math.isfinite(n) and n > 0:
+            factors[i], _, self.clipped[i] = self._after_warmup(i, n)
+      return factors
+    self.steps += 1
     if warm:
-      if not math.isfinite(big):
-        return [1.0] * len(norms)
-      f = 1.0
+      coeff = 1.0
       if self.max_grad_norm is not None:
-        f = min(1.0, self.max_grad_norm / (big + self.eps))
+        c = self.max_grad_norm / (total + self.eps)
+        if c < 1.0:
+          coeff = c
+      self.clipped = [coeff < 1.0 and n > 0 for n in norms]
       for i, n in enumerate(norms):
-        if n > 0:  # the running minimum of the clipped norm
-          self.gamma[i] = min(self.gamma[i], f * n)
-      return [f] * len(norms)
-    scales = []
+        if n == 0:
+          continue
+        if math.isinf(self.gamma[i]) or coeff * n < self.gamma[i]:
+          self.gamma[i] = coeff * n
+      return [coeff] * len(norms)
+    factors = [1.0] * len(norms)
+    self.clipped = [False] * len(norms)
     for i, n in enumerate(norms):
-      if not math.isfinite(n) or n == 0:
-        scales.append(1.0)  # not an observation
-      elif math.isinf(self.gamma[i]):
-        self.gamma[i] = n  # first finite sight of this tensor
-        scales.append(1.0)
-      else:
-        h = min(1.0, self.lambda_rel * self.gamma[i] / (n + self.eps))
-        self.gamma[i] = self.beta * self.gamma[i] + (1 - self.beta) * h * n
-        scales.append(h)
-    return scales
+      if n == 0:
+        continue
+      factors[i], self.gamma[i], self.clipped[i] = self._after_warmup(i, n)
+    return factors
 
 
 @dataclass
@@ -191,6 +251,54 @@ class AutoClipRef:
     self.norms.append(g)
     thr = float(np.percentile(self.norms[-self.window:], self.percentile))
     return (thr / g if g > thr else 1.0), thr
+
+
+@dataclass
+class SkipSpikesRef:
+  """skip_spikes' rule on a stream of (loss, norm) pairs, in float64.
+
+  ``history`` is a deque of the last ``window`` finite pairs; a step updated
+  without a loss records ``(None, norm)``, and the loss test only reads the
+  losses that are there. A test needs two values for a sample standard
+  deviation.
+  """
+
+  window: int = 128
+  sigma: float = 6.0
+  history: deque = field(init=False)
+  skips: int = 0
+  nonfinite: int = 0
+
+  def __post_init__(self):
+    self.history = deque(maxlen=self.window)
+
+  def _test(self, x: float, values: list) -> tuple[bool, float]:
+    """(outlier, threshold) of the one-sided test of ``x`` on ``values``."""
+    if len(values) + 1 < max(2, self.window // 2) or len(values) < 2:
+      return False, math.inf
+    mean = math.fsum(values) / len(values)
+    var = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    std = math.sqrt(var)
+    return x - mean > self.sigma * std, mean + self.sigma * std
+
+  def step(self, norm: float, loss: float | None = None) -> dict:
+    """Feeds one step; returns whether it is skipped, and the thresholds."""
+    norm_out, norm_thr = self._test(norm, [g for _, g in self.history])
+    loss_out, loss_thr = False, math.inf
+    if loss is not None:
+      loss_out, loss_thr = self._test(
+          loss, [x for x, _ in self.history if x is not None])
+    out = dict(loss_threshold=loss_thr, norm_threshold=norm_thr)
+    if not math.isfinite(norm) or (loss is not None
+                                   and not math.isfinite(loss)):
+      self.skips += 1
+      self.nonfinite += 1
+      return dict(out, skip=True, nonfinite=True)
+    skip = norm_out or loss_out
+    self.skips += skip
+    self.history.append((loss, norm))
+    return dict(out, skip=skip, nonfinite=False, loss_out=loss_out,
+                norm_out=norm_out)
 
 
 def adamw64(grads_seq, params, lr, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):

@@ -1,29 +1,13 @@
-"""benchmarks/step_overhead.py: its floor transform and a tiny run of it."""
+"""benchmarks/step_overhead.py: a tiny run of it."""
 
 import pathlib
 import sys
 
-import jax.numpy as jnp
-import numpy as np
-import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
                        "benchmarks"))
 
 import step_overhead  # noqa: E402
-
-
-@pytest.mark.parametrize("max_norm", [0.5, 100.0])
-def test_fused_clip_matches_a_float64_clip(max_norm):
-  rng = np.random.default_rng(0)
-  tree = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(7)}
-  tx = step_overhead.fused_clip(max_norm)
-  out, _ = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in tree.items()},
-                     tx.init(None))
-  norm = np.sqrt(sum((v ** 2).sum() for v in tree.values()))
-  scale = min(1.0, max_norm / norm)
-  for k, v in tree.items():
-    np.testing.assert_allclose(out[k], v * scale, rtol=1e-6)
 
 
 def test_tiny_run_prints_every_variant(capsys):

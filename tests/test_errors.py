@@ -1,7 +1,8 @@
 """Every bad hyperparameter of every public function: a `ValueError` naming it.
 
 One table, `TABLE`, lists each argument of `zclip`, `adagc`, `autoclip`,
-`spike_mask`, `spike_score` and `count_spikes` with what it allows and bad
+`clip_by_global_norm`, `skip_spikes`, `spike_mask`, `spike_score` and
+`count_spikes` with what it allows and bad
 values for every constraint: out of range, non-finite, the wrong type
 (a string for a number, None where None is not allowed, a float for an
 integer), and arrays of the wrong rank. Each bad value must raise
@@ -22,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import transforms
+from references import make_sequence, tree_norm64
 
 import optax_zclip
-from references import make_sequence, tree_norm64
 
 NAN, INF = math.nan, math.inf
 METRICS = ("spike_mask", "spike_score", "count_spikes")
@@ -68,6 +70,9 @@ TABLE = [
       None, np.array([1.0])]),
     ("zclip", "skip_update_on_spike", "bool",
      ["yes", None, 1, 0.0, np.array([True])]),
+    ("zclip", "max_consecutive_spikes", "integer in [1, 2**31 - 1], or None",
+     [0, -1, INT32_MAX + 1, jnp.asarray(0), 2.5, 50.0, True, "50",
+      np.array([50])]),
     ("adagc", "lambda_rel", "finite float > 0, in float32",
      [0.0, -1.0, INF, NAN, ROUNDS_TO_INF, ROUNDS_TO_0, jnp.asarray(-1.0),
       "1.05", None, np.array([1.05])]),
@@ -86,6 +91,18 @@ TABLE = [
       np.array([10.0, 20.0])]),
     ("autoclip", "window", "Python integer >= 1 (not a jax array)",
      [0, -1, 2.0, 1.5, True, "8", None, np.array([8]), jnp.asarray(8)]),
+    ("clip_by_global_norm", "max_norm", "float > 0, inf (no cap), or None",
+     [0.0, -1.0, -INF, NAN, ROUNDS_TO_0, ROUNDS_TO_INF, jnp.asarray(-1.0),
+      "1.0", np.array([1.0, 2.0]), True]),
+    ("skip_spikes", "inner", "optax.GradientTransformation",
+     [None, optax.adamw, "adamw", (optax.sgd(1.0).init, optax.sgd(1.0).update),
+      optax.MultiSteps(optax.sgd(1.0), 2), 1.0]),
+    ("skip_spikes", "window", "Python integer >= 2 (not a jax array)",
+     [1, 0, -4, 128.0, 2.5, True, "128", None, np.array([128]),
+      jnp.asarray(128)]),
+    ("skip_spikes", "sigma", "finite float > 0, in float32",
+     [0.0, -6.0, INF, NAN, ROUNDS_TO_INF, ROUNDS_TO_0, jnp.asarray(0.0), "6",
+      None, np.array([6.0]), True]),
     (METRICS, "losses", "1-D array-like of real numbers",
      [np.zeros((2, 3)), 3.0, [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
       [1.0, None], "loss"]),
@@ -103,6 +120,8 @@ def _call(fn: str, arg: str, value):
     if arg == "losses":
       return f(value)
     return f(LOSSES, **{arg: value})
+  if fn == "skip_spikes" and arg != "inner":
+    return f(**{"inner": optax.sgd(1.0), arg: value})
   return f(**{arg: value})
 
 
@@ -121,7 +140,10 @@ def test_bad_value_raises_a_value_error_naming_the_argument(fn, arg, value):
 
 
 def test_the_table_covers_every_argument_of_every_public_function():
-  public = {"zclip", "adagc", "autoclip", *METRICS}
+  # Every public function but the telemetry readers, which take any state.
+  public = {name for name in optax_zclip.__all__
+            if inspect.isfunction(getattr(optax_zclip, name))} - {
+                "stats", "loggable_state"}
   covered = {}
   for fns, arg, _, _ in TABLE:
     for fn in (fns,) if isinstance(fns, str) else fns:
@@ -145,7 +167,7 @@ GOOD = [
                    eps=0.0, warmup_steps=np.array(10**9),
                    skip_update_on_spike=np.array(False))),
     ("zclip", dict(alpha=BELOW_1, max_grad_norm=INF, warmup_steps=INT32_MAX,
-                   eps=ROUNDS_TO_0)),
+                   eps=ROUNDS_TO_0, max_consecutive_spikes=INT32_MAX)),
     ("zclip", dict(alpha=jnp.asarray(0.5), z_thresh=jnp.asarray(2.0),
                    max_grad_norm=jnp.asarray(INF), eps=jnp.asarray(0.0),
                    warmup_steps=jnp.asarray(3), clip_factor=jnp.asarray(2),
@@ -157,6 +179,12 @@ GOOD = [
     ("autoclip", dict(percentile=0, window=1)),
     ("autoclip", dict(percentile=np.float64(100.0), window=np.int32(7))),
     ("autoclip", dict(percentile=jnp.asarray(100.0))),
+    ("clip_by_global_norm", dict(max_norm=None)),
+    ("clip_by_global_norm", dict(max_norm=INF)),
+    ("clip_by_global_norm", dict(max_norm=np.float32(1e-30))),
+    ("skip_spikes", dict(inner=optax.identity(), window=2, sigma=1e-9)),
+    ("skip_spikes", dict(inner=optax.adam(1e-3), window=np.int64(10**4),
+                         sigma=np.float32(1e9))),
 ]
 
 
@@ -203,21 +231,20 @@ def test_concrete_jax_arrays_are_checked_and_tracers_are_not():
         alpha=jnp.full(3, 0.5)).init)(params)
 
 
-TRANSFORMS = {"zclip": optax_zclip.zclip, "adagc": optax_zclip.adagc,
-              "autoclip": optax_zclip.autoclip}
+TRANSFORMS = {"zclip": optax_zclip.zclip, "adagc": optax_zclip.adagc}
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_,
                                    jax.dtypes.float0])
-@pytest.mark.parametrize("fn", list(TRANSFORMS))
-def test_a_leaf_that_is_not_floating_point_is_refused_when_traced(fn, dtype):
-  tx = TRANSFORMS[fn]()
+@pytest.mark.parametrize("name", list(transforms.TRANSFORMS))
+def test_a_leaf_that_is_not_floating_point_is_refused_when_traced(name,
+                                                                  dtype):
+  tx = transforms.with_adamw(name)
   grads = {"w": jnp.ones(3), "layer": {"steps": np.zeros((2,), dtype)}}
-  state = tx.init(grads)
+  state = tx.init({"w": jnp.ones(3), "layer": {"steps": jnp.zeros(2)}})
+  dtype_name = "float0" if dtype is jax.dtypes.float0 else dtype.__name__
   pattern = (r"^the updates must be floating-point \(or complex\) arrays; "
-             rf"the leaf at \['layer'\]\['steps'\] has dtype "
-             rf"{'float0' if dtype is jax.dtypes.float0 else dtype.__name__}"
-             r"\.")
+             rf"the leaf at \['layer'\]\['steps'\] has dtype {dtype_name}\.")
   with pytest.raises(ValueError, match=pattern):
     jax.jit(tx.update)(grads, state)
   with pytest.raises(ValueError, match=pattern):
@@ -300,8 +327,9 @@ def errors_markdown() -> str:
       "caught there; only the rank (a scalar) and the kind of number are",
       "checked. Outside `jax.jit`, `inject_hyperparams` builds the",
       "transform from concrete jax arrays, which are checked like numbers.",
-      "`autoclip`'s `window` sets the state's shape, so it must be",
-      "a Python int; with `inject_hyperparams` list it in `static_args`.",
+      "`autoclip`'s and `skip_spikes`' `window` sets the state's shape, so",
+      "it must be a Python int; with `inject_hyperparams` list it in",
+      "`static_args`.",
       "`axis_name` is passed to `jax.lax.psum` as it is, and JAX reports an",
       "unknown axis name when the update is traced.",
       "",

@@ -57,8 +57,13 @@ BARE = _counts(_compiled_text(optax.adamw(1e-3)))
 
 @pytest.mark.parametrize("make", [
     optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
-    lambda: optax_zclip.zclip(max_grad_norm=None, clip_option="mean")],
-                         ids=["zclip", "adagc", "autoclip", "zclip_mean"])
+    lambda: optax_zclip.zclip(max_grad_norm=None, clip_option="mean"),
+    lambda: optax_zclip.clip_by_global_norm(1.0),
+    # Measuring only: a norm must not add a pass (XLA:CPU would merge its
+    # squares with AdamW's and write them out if the scale were dropped).
+    lambda: optax_zclip.clip_by_global_norm(None)],
+                         ids=["zclip", "adagc", "autoclip", "zclip_mean",
+                              "clip_by_global_norm", "measure_only"])
 def test_scaling_fuses_into_adamw(make):
   got = _counts(_compiled_text(optax.chain(make(), optax.adamw(1e-3))))
   for shape, bare in BARE.items():
@@ -70,6 +75,7 @@ def test_scaling_fuses_into_adamw(make):
     assert c["divide"] == bare["divide"], (shape, c, bare)
     assert c["select"] == bare["select"], (shape, c, bare)
     assert c["multiply"] > bare["multiply"], (shape, c, bare)  # the scale
+
 
 
 def test_the_check_sees_an_unfused_clip():
@@ -118,8 +124,10 @@ def _max_abs_unconditionally():
 
 
 @pytest.mark.parametrize("make", [
-    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip],
-                         ids=["zclip", "adagc", "autoclip"])
+    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
+    lambda: optax_zclip.clip_by_global_norm(1.0)],
+                         ids=["zclip", "adagc", "autoclip",
+                              "clip_by_global_norm"])
 def test_a_normal_step_reads_the_gradients_once_for_the_norms(make):
   text = _compiled_text(optax.chain(make(), optax.adamw(1e-3)))
   # The rescaled pass is a conditional's branch, not unconditional work...

@@ -3,43 +3,17 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from metrics_reference import exact_mask, naive_mask, naive_runs
 
-from optax_zclip import _metrics
 from optax_zclip._metrics import count_spikes, spike_mask, spike_score
 
 NAN, INF = float("nan"), float("inf")
-
-
-def naive_mask(losses, window, n_sigma):
-  """The definition, step by step: O(n * window) with `statistics`."""
-  losses = [float(v) for v in losses]
-  out = []
-  for t, v in enumerate(losses):
-    if math.isnan(v) or v == INF:
-      out.append(True)
-      continue
-    prev = [u for u in losses[max(0, t - window):t] if math.isfinite(u)]
-    if len(prev) < 2:
-      out.append(False)
-      continue
-    m = statistics.mean(prev)
-    s = statistics.pstdev(prev)
-    out.append(v > m + n_sigma * s)
-  return np.array(out, bool)
-
-
-def naive_runs(mask):
-  runs, prev = 0, False
-  for f in mask:
-    runs += bool(f and not prev)
-    prev = f
-  return runs
 
 
 def random_curve(rng, n, n_spikes=5, spike_scale=3.0):
@@ -151,14 +125,16 @@ def test_matches_naive_reference(seed, window, n_sigma):
   assert count_spikes(losses, window, n_sigma) == naive_runs(expected)
 
 
-@pytest.mark.parametrize("min_block", [1, 5, 64])
-@pytest.mark.parametrize("window", [2, 7, 30])
-def test_block_boundaries(monkeypatch, min_block, window):
-  # Small blocks, so that many windows straddle a block boundary.
-  monkeypatch.setattr(_metrics, "_MIN_BLOCK", min_block)
-  rng = np.random.default_rng(min_block * 100 + window)
-  losses = random_curve(rng, 300, n_spikes=10)
-  losses[rng.integers(0, 300, 8)] = rng.choice([NAN, INF, -INF], 8)
+@pytest.mark.parametrize("window", [2, 3, 7, 30, 64])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_block_boundaries(window, extra):
+  # Windows are assembled from the end of one block of `window` steps and
+  # the start of the next: curves of a whole number of blocks, give or take
+  # a step, with a window starting on every offset within a block.
+  rng = np.random.default_rng(window * 10 + extra)
+  n = 5 * window + extra
+  losses = random_curve(rng, n, n_spikes=10)
+  losses[rng.integers(0, n, n // 10)] = rng.choice([NAN, INF, -INF], n // 10)
   np.testing.assert_array_equal(spike_mask(losses, window, 3.0),
                                 naive_mask(losses, window, 3.0))
 
@@ -187,6 +163,153 @@ def test_matches_naive_reference_on_plateaus(seed):
   for window in (2, 4, 10, 25):
     np.testing.assert_array_equal(spike_mask(losses, window, 1.2345),
                                   naive_mask(losses, window, 1.2345))
+
+
+# ----------------------------------------------------------------------------
+# Huge outliers: a diverging run.
+
+
+FLAT = np.full(1000, 2.0)
+NOISY = 2.0 + 1e-3 * np.random.default_rng(0).standard_normal(1000)
+DECAY = 2.0 + np.exp(-np.arange(1000) / 300.0) + 1e-3 * np.sin(
+    1.3 * np.arange(1000))
+
+
+@pytest.mark.parametrize("base", [FLAT, NOISY, DECAY],
+                         ids=["flat", "noisy", "decay"])
+@pytest.mark.parametrize("outlier", [1e8, 1e12, 1e20, 1e154, 1e300,
+                                     1.7e308])
+def test_one_huge_outlier_is_one_spike(base, outlier):
+  # The reported failure: with 1e8 or 1e12 at step 500, steps far from it
+  # (before it too) were flagged; with 1e300, not even step 500. Steps 501
+  # to 600 see the outlier: their threshold is about 0.01 * outlier +
+  # 5 * 0.0995 * outlier, far above a normal loss; the others never see it.
+  losses = base.copy()
+  losses[500] = outlier
+  mask = spike_mask(losses, window=100, n_sigma=5)
+  assert mask.nonzero()[0].tolist() == [500]
+  assert count_spikes(losses, window=100, n_sigma=5) == 1
+  assert spike_score(losses, window=100, n_sigma=5) == 1 / 1000
+  np.testing.assert_array_equal(mask, naive_mask(losses, 100, 5))
+
+
+@pytest.mark.parametrize("outlier", [1e8, 1e12, 1e300, -1e12, -1e300])
+def test_outlier_leaves_windows_without_it_alone(outlier):
+  # A curve with ordinary spikes of its own: with the outlier at step 500,
+  # every step whose window misses it (t < 500 or t > 600) is flagged
+  # exactly as on the curve without it, which the reference decides.
+  rng = np.random.default_rng(11)
+  base = random_curve(rng, 1500, n_spikes=12, spike_scale=2.0)
+  expected = naive_mask(base, 100, 5.0)
+  assert expected[:500].any() and expected[601:].any()
+  losses = base.copy()
+  losses[500] = outlier
+  mask = spike_mask(losses, window=100, n_sigma=5.0)
+  np.testing.assert_array_equal(mask[:500], expected[:500])
+  np.testing.assert_array_equal(mask[601:], expected[601:])
+  assert mask[500] == (outlier > 0)
+  np.testing.assert_array_equal(mask, naive_mask(losses, 100, 5.0))
+
+
+def test_negative_huge_outlier_flags_nothing():
+  for base in (FLAT, NOISY):
+    losses = base.copy()
+    losses[500] = -1e300
+    # Steps 501 to 600: mean about -1e298, std about 1e299, so the
+    # threshold is about 5e299, and 2.0 is below it.
+    assert not spike_mask(losses, window=100, n_sigma=5).any()
+    assert count_spikes(losses, window=100, n_sigma=5) == 0
+
+
+def test_burst_of_huge_losses_then_back_to_normal():
+  # 1e300 at steps 500..504, then 2.0 again. Step 500 + j sees j outliers
+  # V among 100 losses: threshold V * (p + 5 * sqrt(p * (1 - p))), p = j/100,
+  # below V for j <= 3 (0.88 V at j = 3) and above it for j = 4 (1.02 V).
+  # Back at 2.0, nothing is flagged: with the burst in the window the
+  # threshold is far above 2, and without it the window is flat at 2.0.
+  losses = FLAT.copy()
+  losses[500:505] = 1e300
+  mask = spike_mask(losses, window=100, n_sigma=5)
+  assert mask.nonzero()[0].tolist() == [500, 501, 502, 503]
+  assert count_spikes(losses, window=100, n_sigma=5) == 1
+
+
+def test_huge_outlier_among_nonfinite_losses():
+  losses = NOISY.copy()
+  losses[[499, 500, 501, 502, 700]] = [NAN, 1e300, INF, -INF, NAN]
+  mask = spike_mask(losses, window=100, n_sigma=5)
+  assert mask.nonzero()[0].tolist() == [499, 500, 501, 700]
+  assert count_spikes(losses, window=100, n_sigma=5) == 2
+  np.testing.assert_array_equal(mask, naive_mask(losses, 100, 5))
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 996, 2.0 ** 1020, 2.0 ** -1000])
+def test_losses_near_the_float_limits_everywhere(scale):
+  # Scaling by a power of two is exact and the rule is scale-invariant, so
+  # the curve times 2**996 (about 6.7e299; squares would overflow float64)
+  # has the spikes the reference finds on the curve itself.
+  rng = np.random.default_rng(5)
+  base = random_curve(rng, 800, n_spikes=8, spike_scale=1.0)
+  expected = naive_mask(base, 100, 5.0)
+  assert 0 < expected.sum() < 20
+  np.testing.assert_array_equal(spike_mask(base * scale, 100, 5.0),
+                                expected)
+
+
+def test_near_1e300_with_a_spike():
+  losses = 1e300 * (2.0 + 1e-3 * np.random.default_rng(1).standard_normal(
+      1000))
+  losses[500] = 2.1e300  # About 100 standard deviations above the mean.
+  assert spike_mask(losses, window=100, n_sigma=5).nonzero()[0].tolist() == [
+      500]
+
+
+def test_subnormal_losses():
+  # Multiples of the smallest float64, 2**-1074. With window 2 and 7 sigma,
+  # steps 2 to 5 see [1, 0], [0, 1], [1, 2], [2, 0] (thresholds 4, 4, 5, 8
+  # units) and stay below; step 6 sees [0, 1], threshold 4, and 5 exceeds it.
+  # Half a unit, the mean of [1, 0], is not a float64: computed unscaled,
+  # m and s round to 0 and step 2 would be flagged.
+  losses = np.array([1, 0, 1, 2, 0, 1, 5]) * 5e-324
+  mask = spike_mask(losses, window=2, n_sigma=7.0)
+  assert mask.nonzero()[0].tolist() == [6]
+
+MAGNITUDES = [-3, 0, 3, 8, 12, 50, 154, 300]
+LOSS = st.one_of(
+    st.floats(1.0, 3.0),
+    st.builds(lambda m, e: m * 10.0 ** e, st.floats(-9.99, 9.99),
+              st.sampled_from(MAGNITUDES)),
+    st.sampled_from([1.0, 2.0, 0.0]),  # Ties and flat runs.
+    st.sampled_from([NAN, INF, -INF]),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(losses=st.lists(LOSS, min_size=1, max_size=60),
+       window=st.integers(2, 20),
+       n_sigma=st.sampled_from([0.5, 1.0, 2.0, 5.0, 7.0]))
+def test_matches_exact_reference_across_scales(losses, window, n_sigma):
+  flagged, tie = exact_mask(losses, window, n_sigma)
+  mask = spike_mask(losses, window, n_sigma)
+  np.testing.assert_array_equal(mask[~tie], flagged[~tie])
+
+
+def test_exact_reference_on_a_mixed_curve():
+  # The same comparison on a fixed curve mixing 1e-3 to 1e300, with no near
+  # tie, so that every step is checked. (Not n_sigma = 1 with window 3: the
+  # threshold of a window of two finite losses is then their maximum, which
+  # float64 only gets to within rounding of m and s, say 1e138 for -1e154.)
+  rng = np.random.default_rng(17)
+  n = 400
+  losses = 2.0 + 1e-3 * rng.standard_normal(n)
+  at = rng.integers(0, n, 40)
+  losses[at] = rng.uniform(-9, 9, 40) * 10.0 ** rng.choice(MAGNITUDES, 40)
+  losses[rng.integers(0, n, 10)] = rng.choice([NAN, INF, -INF], 10)
+  for window, n_sigma in ((3, 1.5), (17, 5.0), (60, 2.0)):
+    flagged, tie = exact_mask(losses.tolist(), window, n_sigma)
+    assert not tie.any()
+    np.testing.assert_array_equal(spike_mask(losses, window, n_sigma),
+                                  flagged)
 
 
 # ----------------------------------------------------------------------------
@@ -311,15 +434,15 @@ def test_bad_window_message():
 # Performance.
 
 
-def test_100k_steps_fast_and_right():
+def test_100k_steps_right():
   rng = np.random.default_rng(3)
   n, window = 100_000, 1000
   losses = random_curve(rng, n, n_spikes=50, spike_scale=5.0)
-  start = time.perf_counter()
+  # (Speed is measured by hand, not asserted: a timed unit test fails on a
+  # busy machine; the README gives the measured time.)
   mask = spike_mask(losses, window=window, n_sigma=7.0)
   score = spike_score(losses, window=window, n_sigma=7.0)
   runs = count_spikes(losses, window=window, n_sigma=7.0)
-  assert time.perf_counter() - start < 5.0
   assert score == mask.mean() and 0 < runs <= 50
   # Spot-check steps, flagged ones included, against a two-pass float sum.
   steps = np.concatenate([rng.integers(0, n, 100), mask.nonzero()[0][:20],

@@ -22,9 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_zclip
-from optax_zclip import _numerics
 from references import (
   AdaGCRef,
   AutoClipRef,
@@ -33,6 +30,9 @@ from references import (
   make_sequence,
   tree_norm64,
 )
+
+import optax_zclip
+from optax_zclip import _numerics
 
 F32_MAX = float(np.finfo(np.float32).max)
 HUGE = 1e20

@@ -9,8 +9,9 @@ history before the step (warm-up, or after it, with spikes in it):
   changes sign;
 * the output norm never exceeds the limit that applies: ``max_grad_norm``,
   the clip value of a spike (computed here in float64 from the state before
-  the step, by SPEC.md's formulas), AutoClip's percentile (NumPy's), AdaGC's
-  ``lambda_rel * gamma_i``, all within float32 rounding (1e-5 relative);
+  the step, by the reference code's formulas), AutoClip's percentile
+  (NumPy's), AdaGC's ``lambda_rel * gamma_i`` (``gamma_i`` the leaf's own
+  norm at its first sight), all within float32 rounding (1e-5 relative);
 * a gradient below every limit passes through bit-identical.
 
 The history is fed through one jitted `jax.lax.scan` per static
@@ -181,7 +182,7 @@ def _bit_identical(grads, out):
 
 
 def _zclip_clip_value(hp, mean, var, g):
-  """SPEC.md's clip value on a spike, in float64, from the pre-step state."""
+  """ZClip's clip value on a spike, in float64, from the pre-step state."""
   std = math.sqrt(var)
   zt = hp["z_thresh"]
   if hp["mode"] == "percentile" or hp["clip_option"] == "max":
@@ -330,9 +331,12 @@ def test_adagc_scales_each_leaf_by_one_factor_within_its_limit(hp, data,
     return
   for x, y, gamma in zip(grads, out, before.gamma, strict=True):
     n, gamma = _norm64([x]), float(gamma)
+    if n == 0:  # not an observation: passes through
+      _bit_identical([x], [y])
+      continue
     if not math.isfinite(gamma):
-      continue  # first sight of this leaf: seeds gamma, unclipped
+      gamma = n  # first sight of this leaf: its own norm is its reference
     limit = hp["lambda_rel"] * gamma
     assert _norm64([y]) <= limit * (1 + RTOL)
-    if n + hp["eps"] < limit * (1 - RTOL):  # h = min(1, limit / (n + eps))
+    if n < limit * (1 - RTOL):  # clipped only when n > limit
       _bit_identical([x], [y])

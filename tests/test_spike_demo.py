@@ -1,24 +1,42 @@
-"""examples/spike_demo.py end to end on a tiny model, and its resume."""
+"""The spike demo end to end on a tiny model, and its resume.
+
+The demo is the folder ``examples/spike_demo/``; it is imported through its
+command, ``examples/spike_demo.py``, which puts that folder on ``sys.path``
+(so ``config``, ``data`` and ``train`` below are the demo's modules).
+"""
 
 import json
 import pathlib
 import shutil
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES / "spike_demo"))
 sys.path.insert(0, str(EXAMPLES))
 
 import spike_demo  # noqa: E402
-from test_metrics import naive_mask, naive_runs  # noqa: E402
+from references import ZClipRef, tree_norm64  # noqa: E402
+from metrics_reference import naive_mask, naive_runs  # noqa: E402
+
+from config import parse_args  # noqa: E402
+from data import load_corpus  # noqa: E402
+from model import next_token_loss  # noqa: E402
+from train import host_rows, make_model  # noqa: E402
 
 METHODS = ["none", "clip", "zclip", "adagc", "autoclip"]
 STEPS = 30
 TINY = ["--steps", str(STEPS), "--d-model", "32", "--n-layers", "1",
         "--n-heads", "2", "--seq-len", "16", "--batch-size", "4",
         "--ckpt-every", "10", "--clip-norm", "0.5", "--spike-window", "10",
+        # Low enough for ZClip to flag spikes in the few steps after its
+        # 25-step warm-up.
+        "--zclip-z-thresh", "1.0",
         "--methods", ",".join(METHODS)]
 ROW_KEYS = {"method", "step", "lr", "loss", "probe_loss", "grad_norm",
             "clipped_norm",
@@ -64,8 +82,7 @@ def test_metrics_agree_with_independent_computations(demo):
   for m in METHODS:
     assert [r["step"] for r in by[m]] == list(range(STEPS))
     # Same init, same first batch: the first loss and gradient are equal,
-    # whether the norm comes from the step (none, clip) or from the
-    # transform's own state (zclip, adagc, autoclip).
+    # every norm read from the clipping transform's own state.
     assert by[m][0]["loss"] == pytest.approx(by["none"][0]["loss"], rel=1e-6)
     assert by[m][0]["probe_loss"] == pytest.approx(by["none"][0]["probe_loss"],
                                                    rel=1e-6)
@@ -75,7 +92,32 @@ def test_metrics_agree_with_independent_computations(demo):
       assert r["clipped_norm"] <= r["grad_norm"] * (1 + 1e-6)
   for r in by["none"]:
     assert r["threshold"] is None and not r["clipped"]
+    assert r["clipped_norm"] == r["grad_norm"]
+  # Fixed clipping, and AdaGC in its warm-up (100 steps, more than the run),
+  # cap the global norm at --clip-norm 0.5.
+  n_tensors = len(jax.tree.leaves(nnx.state(
+      make_model(parse_args(TINY)[0]), nnx.Param)))
+  for m in ("clip", "adagc"):
+    for r in by[m]:
+      assert r["clipped_norm"] == pytest.approx(min(r["grad_norm"], 0.5),
+                                                rel=1e-5)
+      if abs(r["grad_norm"] - 0.5) > 1e-5:  # clear of rounding at the cap
+        assert r["clipped"] == (r["grad_norm"] > 0.5)
+  assert all(r["threshold"] == 0.5 for r in by["clip"])
   assert sum(r["clipped"] for r in by["clip"]) >= 1  # the 0.5 cap acted
+  for r in by["adagc"]:  # the warm-up scales every tensor or none
+    assert r["threshold"] is None
+    assert r["tensors_clipped"] == (n_tensors if r["clipped"] else 0)
+  # ZClip's decisions, by the authors' procedure in float64 on the logged
+  # norms: a step is "detected" exactly when the reference calls it a spike.
+  ref = ZClipRef(alpha=0.97, z_thresh=1.0, warmup_steps=25,
+                 max_grad_norm=None)
+  for r in by["zclip"]:
+    decision = ref.step(r["grad_norm"])
+    assert r["detected"] == decision["spike"], r["step"]
+    assert r["clipped_norm"] == pytest.approx(
+        decision["scale"] * r["grad_norm"], rel=1e-4)
+  assert ref.spikes >= 1  # the comparison saw spikes, not only their absence
   # Warm-up then cosine decay to 10% of the peak.
   lr = [r["lr"] for r in by["none"]]
   assert lr[0] == 0.0 and max(lr) == pytest.approx(1e-2)
@@ -101,12 +143,6 @@ def test_metrics_agree_with_independent_computations(demo):
 def test_probe_loss_is_the_first_held_out_windows(demo):
   """Step 0's probe loss, by hand: the untrained model on the first
   ``probe_size`` held-out windows, cross-entropy in float64 NumPy."""
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from config import parse_args  # noqa: PLC0415
-  from data import load_corpus  # noqa: PLC0415
-  from train import make_model  # noqa: PLC0415
-
   _, _, rows = demo
   cfg, _ = parse_args(TINY)
   held = load_corpus().heldout
@@ -122,6 +158,19 @@ def test_probe_loss_is_the_first_held_out_windows(demo):
   assert first["probe_loss"] == pytest.approx(nll, rel=1e-5)
 
 
+def test_first_grad_norm_is_the_gradients_norm(demo):
+  """Step 0's logged norm, of every method, is the float64 norm of the
+  gradient of the untrained model on the first training batch."""
+  _, _, rows = demo
+  cfg, _ = parse_args(TINY)
+  batch = load_corpus().batch(cfg.seed, 0, cfg.batch_size, cfg.seq_len)
+  grads = nnx.grad(next_token_loss)(make_model(cfg), jnp.asarray(batch))
+  norm = tree_norm64(jax.tree.leaves(grads))
+  for r in rows:
+    if r["step"] == 0:
+      assert r["grad_norm"] == pytest.approx(norm, rel=1e-5), r["method"]
+
+
 def test_resume_continues_identically(demo, tmp_path):
   out, summary, rows = demo
   copy = tmp_path / "resumed"
@@ -132,18 +181,53 @@ def test_resume_continues_identically(demo, tmp_path):
   resumed = spike_demo.main(TINY + ["--out", str(copy), "--resume"])
   again = _rows(copy)
   assert len(again) == len(rows)
-  for a, b in zip(rows, again):
-    for k in ("loss", "probe_loss", "grad_norm", "clipped_norm", "threshold",
-              "clipped"):
-      assert a[k] == b[k], (a["method"], a["step"], k)
-  for a, b in zip(summary["runs"], resumed["runs"]):
+  for a, b in zip(rows, again, strict=True):
+    assert a == b, (a["method"], a["step"])
+  for a, b in zip(summary["runs"], resumed["runs"], strict=True):
     assert a["eval_loss"] == b["eval_loss"]
+
+
+def test_rows_follow_the_telemetry_keys():
+  """Host rows from synthetic step outputs: a spike is a step whose spike
+  count exceeds the previous step's, across calls (chunks between
+  checkpoints); threshold and tensor counts only where the telemetry has
+  them; an infinite threshold (no clipping) is logged as None."""
+  f32, i32 = np.float32, np.int32
+
+  def step(stats):
+    return {"loss": f32(2.5), "probe_loss": f32(2.25), "stats": stats}
+
+  def zclip(count, clipped_norm):
+    return step({"grad_norm": f32(4.0), "clipped_norm": f32(clipped_norm),
+                 "threshold": f32(3.0), "spike_count": i32(count)})
+
+  lr = lambda t: 0.5 * t  # noqa: E731
+  out = [zclip(2, 4.0), zclip(3, 3.0), zclip(3, 4.0), zclip(5, 3.0)]
+  first, last = host_rows(out[:2], 7, lr, {"spike_count": i32(2)})
+  second, _ = host_rows(out[2:], 9, lr, last)
+  rows = first + second
+  assert [r["step"] for r in rows] == [7, 8, 9, 10]
+  assert [r["lr"] for r in rows] == [3.5, 4.0, 4.5, 5.0]
+  assert [r["detected"] for r in rows] == [False, True, False, True]
+  assert [r["clipped"] for r in rows] == [False, True, False, True]
+  assert rows[0] == {"step": 7, "lr": 3.5, "loss": 2.5, "probe_loss": 2.25,
+                     "grad_norm": 4.0, "clipped_norm": 4.0, "threshold": 3.0,
+                     "detected": False, "clipped": False}
+  adagc = step({"grad_norm": f32(4.0), "clipped_norm": f32(3.0),
+                "num_clipped": i32(6)})
+  (row,), _ = host_rows([adagc], 0, lr, {})
+  assert row["threshold"] is None and row["tensors_clipped"] == 6
+  assert "detected" not in row and row["clipped"]
+  none = step({"grad_norm": f32(4.0), "clipped_norm": f32(4.0),
+               "threshold": f32(np.inf)})
+  (row,), _ = host_rows([none], 0, lr, {})
+  assert row["threshold"] is None and not row["clipped"]
+  assert set(row) == {"step", "lr", "loss", "probe_loss", "grad_norm",
+                      "clipped_norm", "threshold", "clipped"}
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--probe-size"])
 def test_cli_rejects_non_positive_counts(flag, capsys):
-  from config import parse_args  # noqa: PLC0415
-
   with pytest.raises(SystemExit):
     parse_args([flag, "0"])
   assert f"{flag} must be >= 1" in capsys.readouterr().err

@@ -1,17 +1,19 @@
 """`optax_zclip.stats` finds the ZClip state in any optimizer nesting."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-import optax_zclip
 from references import SEQ, ZClipRef, tree_norm64
 
+import optax_zclip
+
 KEYS = {"count", "mean", "var", "std", "grad_norm", "clipped_norm", "z_score",
-        "threshold", "spike_count", "nonfinite_count"}
+        "threshold", "spike_count", "nonfinite_count", "restart_count"}
 
 
 def _check_against_reference(s, ref, grads, scale):
@@ -140,10 +142,12 @@ def test_several_clipping_states_are_prefixed_by_their_path():
       [5.0, np.sqrt(3.0)], rtol=1e-6)
 
 
-def test_no_clipping_state_is_a_clear_error():
+def test_no_clipping_state_gives_an_empty_dict_or_the_default():
   state = optax.adamw(1e-3).init({"w": jnp.zeros(2)})
-  with pytest.raises(ValueError, match="no clipping state"):
-    optax_zclip.stats(state)
+  assert optax_zclip.stats(state) == {}
+  assert jax.jit(optax_zclip.stats)(state) == {}
+  fallback = {"grad_norm": jnp.zeros([])}
+  assert optax_zclip.stats(state, default=fallback) is fallback
 
 
 def test_stats_of_adagc_and_autoclip_in_an_nnx_optimizer():
@@ -186,3 +190,136 @@ def test_repeated_kind_keys_do_not_depend_on_how_nnx_state_is_passed():
   a, b = optax_zclip.stats(optimizer), optax_zclip.stats(nnx.state(optimizer))
   assert set(a) == set(b) and len(a) == 2 * len(KEYS)
   assert "zclip[opt_state.0]/grad_norm" in a, sorted(a)
+
+
+# --- The telemetry contract: any declared state, in any nesting. -----------
+
+
+@optax_zclip.loggable_state("maxabs", fields=("count", "max_abs"),
+                            derived={"twice": lambda s: 2 * s["max_abs"]})
+class _MaxAbsState(NamedTuple):
+  """A toy transform's state, declared here and nowhere else."""
+
+  count: jax.Array
+  max_abs: jax.Array
+  history: jax.Array  # not declared: stats() must leave it out
+
+
+def _max_abs():
+  def init_fn(params):
+    del params
+    return _MaxAbsState(jnp.zeros([], jnp.int32), jnp.zeros([]),
+                        jnp.zeros([4]))
+
+  def update_fn(updates, state, params=None):
+    del params
+    m = jnp.max(jnp.stack([jnp.max(jnp.abs(x))
+                           for x in jax.tree.leaves(updates)]))
+    return updates, _MaxAbsState(state.count + 1, m,
+                                 state.history.at[state.count % 4].set(m))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# Each transform, its keys in stats() and the float64 value of `grad_norm`
+# (or of the toy's `max_abs`) it must report for the last gradients seen.
+_KEYS = {
+    "zclip": KEYS,
+    "adagc": {"count", "grad_norm", "clipped_norm", "num_clipped",
+              "nonfinite_count"},
+    "autoclip": {"count", "grad_norm", "clipped_norm", "threshold",
+                 "nonfinite_count"},
+    "clip": {"count", "grad_norm", "clipped_norm", "threshold",
+             "clipped_count", "nonfinite_count"},
+    "maxabs": {"count", "max_abs", "twice"},
+}
+_MAKERS = {
+    "zclip": lambda: optax_zclip.zclip(warmup_steps=2),
+    "adagc": lambda: optax_zclip.adagc(warmup_steps=2),
+    "autoclip": lambda: optax_zclip.autoclip(window=4),
+    "clip": lambda: optax_zclip.clip_by_global_norm(1.0),
+    "maxabs": _max_abs,
+}
+
+
+def _nest(kind, make):
+  if kind == "chain":
+    return optax.chain(make(), optax.adamw(1e-3))
+  if kind == "inject":
+    return optax.chain(optax.inject_hyperparams(lambda: make())(),
+                       optax.adamw(1e-3))
+  if kind == "inject_outer":
+    return optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(make(), optax.adamw(learning_rate))
+    )(1e-3)
+  if kind == "multisteps":
+    return optax.MultiSteps(optax.chain(make(), optax.adamw(1e-3)), 2)
+  if kind == "apply_if_finite":
+    return optax.apply_if_finite(optax.chain(make(), optax.adamw(1e-3)), 3)
+  raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["chain", "inject", "inject_outer",
+                                  "multisteps", "apply_if_finite", "nnx",
+                                  "nnx_state"])
+@pytest.mark.parametrize("name", list(_MAKERS))
+def test_every_declared_state_is_found_in_every_nesting(name, kind):
+  rng = np.random.default_rng(7)
+  grads = [{"a": rng.standard_normal(3).astype(np.float32) * 2,
+            "b": rng.standard_normal((2, 2)).astype(np.float32) * 2}
+           for _ in range(4)]
+  if kind.startswith("nnx"):
+    model = nnx.Module()
+    model.a = nnx.Param(jnp.zeros(3))
+    model.b = nnx.Param(jnp.zeros((2, 2)))
+    optimizer = nnx.Optimizer(
+        model, optax.chain(_MAKERS[name](), optax.adamw(1e-3)), wrt=nnx.Param)
+    for g in grads:
+      optimizer.update(model, {"a": nnx.Param(jnp.asarray(g["a"])),
+                               "b": nnx.Param(jnp.asarray(g["b"]))})
+    s = optax_zclip.stats(optimizer if kind == "nnx"
+                          else nnx.state(optimizer))
+    seen = grads[-1]
+  else:
+    tx = _nest(kind, _MAKERS[name])
+    params = {k: jnp.zeros(v.shape) for k, v in grads[0].items()}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in grads:
+      _, state = step(g, state, params)
+    s = jax.jit(optax_zclip.stats)(state)
+    # MultiSteps hands the inner chain the mean of each pair of micro-steps.
+    seen = ({k: (grads[2][k].astype(np.float64) + grads[3][k]) / 2
+             for k in grads[0]} if kind == "multisteps" else grads[-1])
+  assert set(s) == _KEYS[name]
+  if name == "maxabs":
+    expected = max(np.abs(v).max() for v in seen.values())
+    np.testing.assert_allclose(s["max_abs"], expected, rtol=1e-6)
+    np.testing.assert_allclose(s["twice"], 2 * expected, rtol=1e-6)
+  else:
+    np.testing.assert_allclose(s["grad_norm"], tree_norm64(seen.values()),
+                               rtol=1e-5)
+  real_steps = 2 if kind == "multisteps" else 4
+  assert int(s["count"]) == real_steps
+
+
+def test_a_plain_dict_with_the_same_keys_is_not_a_clipping_state():
+  lookalike = {k: jnp.zeros([]) for k in optax_zclip.ZClipState._fields}
+  assert optax_zclip.stats({"metrics": lookalike}) == {}
+  # ...while the same fields as `nnx.state` renders a real ZClipState are.
+  model = nnx.Module()
+  model.w = nnx.Param(jnp.zeros(2))
+  optimizer = nnx.Optimizer(model, optax_zclip.zclip(), wrt=nnx.Param)
+  assert set(optax_zclip.stats(nnx.state(optimizer))) == KEYS
+
+
+def test_a_declaration_must_name_real_fields():
+  class _S(NamedTuple):
+    a: jax.Array
+
+  with pytest.raises(ValueError, match="not fields"):
+    optax_zclip.loggable_state("s", fields=("b",))(_S)
+  with pytest.raises(ValueError, match="same fields as ZClipState"):
+    optax_zclip.loggable_state("z2", fields=("count",))(
+        NamedTuple("Z2", [(f, jax.Array)
+                          for f in optax_zclip.ZClipState._fields]))

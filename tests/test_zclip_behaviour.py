@@ -7,8 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_zclip
 from references import (
   SEQ,
   ZClipRef,
@@ -16,6 +14,8 @@ from references import (
   run_without_host_transfer,
   tree_norm64,
 )
+
+import optax_zclip
 
 ZCLIP_FIELDS = optax_zclip.ZClipState._fields
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from references import make_sequence, tree_norm64
 
 import optax_zclip
-from references import make_sequence, tree_norm64
 
 SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 # Each leaf split in 8 along one axis; device i holds the i-th slice (for

@@ -7,12 +7,11 @@ English prose with code, under the Python Software Foundation License
 CPython 3.11; rebuilding with another version gives slightly different text,
 which is why the demo reads the committed copy.
 
-  python examples/data/build_corpus.py
+  python examples/spike_demo/data/build_corpus.py
 """
 
 import gzip
 import pathlib
-
 from pydoc_data.topics import topics
 
 

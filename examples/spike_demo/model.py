@@ -109,7 +109,7 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """Token ids ``[batch, time]`` to next-token logits ``[batch, time, vocab]``."""
+  """Token ids ``[batch, time]`` to logits ``[batch, time, vocab]``."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg

@@ -1,10 +1,13 @@
 """The demo's training loop: one method, with telemetry and Orbax checkpoints.
 
 `run_method` trains the model of `model.py` on the batches of `data.py` with
-``optax.chain(<clipping>, adamw(schedule))`` under one `nnx.jit` step that
-returns the loss and the clipping telemetry, and saves model, optimizer state
-(the clipping state included) and the metrics so far every ``ckpt_every``
-steps, so that ``resume=True`` continues exactly where a run stopped.
+``optax.chain(<clipping>, adamw(schedule))`` under `train_step`, one
+`nnx.jit` step for every method, which donates model and optimizer and
+returns the losses and the clipping transform's telemetry
+(`optax_zclip.stats`); each row of the metrics is derived from that
+telemetry on the host. Every ``ckpt_every`` steps it saves model, optimizer
+state (the clipping state included) and the metrics so far, so that
+``resume=True`` continues exactly where a run stopped.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import math
 import pathlib
 import shutil
 import time
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import optax_zclip
+
 from config import DemoConfig
 from data import Corpus
 from model import Llama, LlamaConfig, next_token_loss
@@ -33,9 +36,11 @@ from model import Llama, LlamaConfig, next_token_loss
 def make_clipper(method: str, cfg: DemoConfig) -> optax.GradientTransformation:
   """The clipping transform of ``method``, as the demo configures it."""
   if method == "none":
-    return optax.identity()
+    # Measures and logs the norm without clipping, so that the baseline
+    # reports through the same telemetry as every other method.
+    return optax_zclip.clip_by_global_norm(None)
   if method == "clip":
-    return optax.clip_by_global_norm(cfg.clip_norm)
+    return optax_zclip.clip_by_global_norm(cfg.clip_norm)
   if method == "zclip":
     # The reference defaults, with its absolute cap off: the comparison is
     # adaptive against fixed clipping, not both together.
@@ -71,46 +76,26 @@ def make_model(cfg: DemoConfig) -> Llama:
                            max_len=cfg.seq_len), rngs=nnx.Rngs(cfg.seed))
 
 
-def make_train_step(method: str, cfg: DemoConfig) -> Callable:
-  """``step(model, optimizer, batch, probe) -> metrics``, one `nnx.jit` call.
+# Model and optimizer are donated: their buffers are updated in place, as
+# real trainers do, so anything read from them afterwards must come from the
+# step's outputs (or from the objects, which nnx.jit points at the new
+# buffers), never from arrays taken out of them before the step.
+@nnx.jit(donate_argnums=(0, 1))
+def train_step(model: Llama, optimizer: nnx.Optimizer, batch: jax.Array,
+               probe: jax.Array) -> dict[str, Any]:
+  """One step of any method: ``{"loss", "probe_loss", "stats"}``.
 
   ``probe_loss`` is the loss of the fixed held-out ``probe`` batch under the
-  parameters the step starts from, the same point as ``loss``.
-
-  The package's transforms report their norms and threshold in their state
-  (`optax_zclip.stats`); for the two baselines the step measures the
-  gradient norm itself, once, and derives the rest.
+  parameters the step starts from, the same point as ``loss``. ``stats`` is
+  what the clipping transform logged (`optax_zclip.stats`): the gradient
+  norm is read from there, never measured again here (on XLA:CPU a second
+  norm of the gradients shares AdamW's squares and triples the step's cost).
   """
-
-  @nnx.jit
-  def train_step(model, optimizer, batch, probe):
-    loss, grads = nnx.value_and_grad(next_token_loss)(model, batch)
-    probe_loss = next_token_loss(model, probe)
-    if method == "zclip":  # read before the update changes it in place
-      spikes_before = optax_zclip.stats(optimizer.opt_state[0])["spike_count"]
-    optimizer.update(model, grads)
-    metrics = {"loss": loss, "probe_loss": probe_loss}
-    if method in ("none", "clip"):
-      g = optax.tree.norm(grads).astype(jnp.float32)
-      metrics["grad_norm"] = g
-      if method == "none":
-        metrics["clipped_norm"], metrics["threshold"] = g, jnp.float32(jnp.nan)
-      else:  # what optax.clip_by_global_norm lets through
-        metrics["clipped_norm"] = jnp.minimum(g, cfg.clip_norm)
-        metrics["threshold"] = jnp.float32(cfg.clip_norm)
-      return metrics
-    s = optax_zclip.stats(optimizer.opt_state[0])
-    metrics["grad_norm"], metrics["clipped_norm"] = (s["grad_norm"],
-                                                     s["clipped_norm"])
-    # AdaGC has one threshold per tensor, none global.
-    metrics["threshold"] = s.get("threshold", jnp.float32(jnp.nan))
-    if method == "zclip":
-      metrics["detected"] = s["spike_count"] > spikes_before
-    if method == "adagc":
-      metrics["tensors_clipped"] = s["num_clipped"]
-    return metrics
-
-  return train_step
+  loss, grads = nnx.value_and_grad(next_token_loss)(model, batch)
+  probe_loss = next_token_loss(model, probe)
+  optimizer.update(model, grads)
+  return {"loss": loss, "probe_loss": probe_loss,
+          "stats": optax_zclip.stats(optimizer)}
 
 
 @nnx.jit
@@ -122,19 +107,50 @@ def _checkpoint_target(model, optimizer) -> dict:
   return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
 
 
-def _rows(metrics: list[dict], start: int, lr: optax.Schedule) -> list[dict]:
-  """Host rows of per-step metrics, JSON-ready (NaN -> None)."""
+def _json_scalar(v: Any) -> Any:
+  v = v.item() if hasattr(v, "item") else v
+  return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
+              before: dict) -> tuple[list[dict], dict]:
+  """Host rows of consecutive steps' metrics, JSON-ready (NaN, Inf -> None).
+
+  Every field comes from the step's loss and its clipping telemetry, by the
+  telemetry's keys, whatever the method: a threshold only where the
+  transform has one global threshold (AdaGC has one per tensor, no clipping
+  an infinite one), ``detected`` where it counts spikes (ZClip; the count
+  went up during the step), ``tensors_clipped`` where it counts clipped
+  tensors (AdaGC).
+
+  Args:
+    metrics: `train_step` outputs of steps ``start, start + 1, ...``.
+    start: the step of ``metrics[0]``.
+    lr: the learning-rate schedule, logged per step.
+    before: the telemetry (on the host) of the optimizer state the first of
+      these steps started from.
+
+  Returns:
+    The rows, and the telemetry of the last step (``before`` of the next
+    call).
+  """
   host = jax.device_get(metrics)
   rows = []
   for i, m in enumerate(host):
-    step = start + i
-    row = {"step": step, "lr": float(lr(step))}
-    for k, v in m.items():
-      v = v.item()
-      row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+    s = m["stats"]
+    row = {"step": start + i, "lr": float(lr(start + i)), "loss": m["loss"],
+           "probe_loss": m["probe_loss"], "grad_norm": s["grad_norm"],
+           "clipped_norm": s["clipped_norm"],
+           "threshold": s.get("threshold", np.float32(np.nan))}
+    if "spike_count" in s:
+      row["detected"] = bool(s["spike_count"] > before["spike_count"])
+    if "num_clipped" in s:
+      row["tensors_clipped"] = s["num_clipped"]
+    row = {k: _json_scalar(v) for k, v in row.items()}
     row["clipped"] = bool(row["clipped_norm"] < row["grad_norm"] * (1 - 1e-6))
     rows.append(row)
-  return rows
+    before = s
+  return rows, before
 
 
 class RunResult(NamedTuple):
@@ -175,7 +191,9 @@ def run_method(method: str, cfg: DemoConfig, corpus: Corpus,
   if progress is not None:
     progress.update(start)
 
-  step_fn = make_train_step(method, cfg)
+  # The telemetry the first step starts from (the restored one on resume):
+  # the spike flag of a step is its spike count against the previous one.
+  before = jax.device_get(optax_zclip.stats(optimizer))
   probe = jnp.asarray(corpus.eval_batches(cfg.probe_size, cfg.seq_len, 1)[0])
   schedule = lr_schedule(cfg)
   pending, pending_start = [], start
@@ -183,7 +201,7 @@ def run_method(method: str, cfg: DemoConfig, corpus: Corpus,
   for step in range(start, cfg.steps):
     batch = jnp.asarray(corpus.batch(cfg.seed, step, cfg.batch_size,
                                      cfg.seq_len))
-    pending.append(step_fn(model, optimizer, batch, probe))
+    pending.append(train_step(model, optimizer, batch, probe))
     if timed_from is None:  # time from after the first (compiling) step
       jax.block_until_ready(pending[-1])
       timed_from, t0 = step + 1, time.perf_counter()
@@ -193,15 +211,19 @@ def run_method(method: str, cfg: DemoConfig, corpus: Corpus,
       if done % 25 == 0 or done == cfg.steps:
         last = jax.device_get(pending[-1])
         progress.set_postfix(loss=f"{last['loss']:.3f}",
-                             grad_norm=f"{last['grad_norm']:.2f}")
+                             grad_norm=f"{last['stats']['grad_norm']:.2f}")
     if done == cfg.steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
-      rows += _rows(pending, pending_start, schedule)
+      new_rows, before = host_rows(pending, pending_start, schedule, before)
+      rows += new_rows
       pending, pending_start = [], done
       with open(rows_path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
       if cfg.ckpt_every:
         mngr.save(done, args=ocp.args.StandardSave(
             _checkpoint_target(model, optimizer)))
+        # The next step donates these buffers: the save must have read them
+        # before then, so it is not left running in the background.
+        mngr.wait_until_finished()
   mngr.wait_until_finished()
   mngr.close()
   elapsed = (time.perf_counter() - t0) if t0 is not None else 0.0

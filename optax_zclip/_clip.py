@@ -1,0 +1,142 @@
+"""A fixed threshold, with the guarantees and telemetry of the rest."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_zclip import _numerics, _validation
+from optax_zclip._numerics import AxisName
+from optax_zclip._stats import loggable_state
+
+
+@loggable_state(
+    "clip",
+    fields=("count", "grad_norm", "clipped_norm", "threshold",
+            "clipped_count", "nonfinite_count"))
+class ClipByGlobalNormState(NamedTuple):
+  """State of `clip_by_global_norm`: telemetry only (the rule has no memory).
+
+  Every field is a scalar, and `optax_zclip.stats` reports all of them.
+
+  Attributes:
+    count: int32, number of steps whose global norm was finite (steps with a
+      NaN or Inf norm are counted in ``nonfinite_count`` instead).
+    grad_norm: float32, global L2 norm of the last step's incoming updates,
+      before clipping (NaN or Inf on a non-finite step).
+    clipped_norm: float32, global norm of the last step's outgoing updates,
+      ``min(grad_norm, max_norm)`` on a finite step.
+    threshold: float32, ``max_norm`` (``inf`` when it is None).
+    clipped_count: int32, cumulative number of steps that were scaled down.
+    nonfinite_count: int32, cumulative number of steps whose global norm was
+      NaN or Inf; their updates passed through untouched.
+  """
+
+  count: jax.Array
+  grad_norm: jax.Array
+  clipped_norm: jax.Array
+  threshold: jax.Array
+  clipped_count: jax.Array
+  nonfinite_count: jax.Array
+
+
+def clip_by_global_norm(
+    max_norm: jax.typing.ArrayLike | None,
+    *,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+  """Clips the global gradient norm to ``max_norm``, and logs what it did.
+
+  A drop-in for `optax.clip_by_global_norm`: when the global L2 norm ``g`` of
+  the updates exceeds ``max_norm`` they are multiplied by ``max_norm / g``,
+  else left alone. On float32 updates the result equals optax's (within
+  float32 rounding). Beyond it:
+
+  * The norm is accumulated in float32 whatever the updates' dtype (optax
+    squares bf16 gradients in bf16), and the updates keep their dtype. A
+    finite gradient has a finite norm however large (a float32 sum of
+    squares that overflows is redone after rescaling, only on such a step),
+    so a 1e20 gradient is clipped, not passed through as non-finite.
+  * The scale is one float32 scalar multiplied into each leaf, which XLA
+    folds into the optimizer's own elementwise pass: one read of the
+    gradients for the norm and no clipped copy of them (optax's version
+    divides and selects per element and writes the clipped gradients out).
+  * A NaN or Inf norm passes the updates through untouched (optax would
+    turn them all into NaN) and counts the step in ``nonfinite_count``, so
+    that `optax.apply_if_finite` can skip it.
+  * The state records the norm before and after, the threshold and how many
+    steps were clipped, for `optax_zclip.stats`: with ``max_norm=None``
+    nothing is clipped and the transform only measures, so that a run
+    without clipping logs the same numbers as one with it.
+
+  No ``eps`` is needed in the scale: it is only applied when ``g > max_norm >
+  0``.
+
+  Args:
+    max_norm: the largest global norm let through; > 0, or None (or inf)
+      to measure and log without clipping.
+    axis_name: a mesh axis name (or tuple of names) over which the squared
+      norm is ``psum``-ed before the square root, inside `jax.shard_map` or
+      `jax.pmap` when each device holds a slice of the gradients. Leave None
+      on one device, for replicated gradients and under sharded `jax.jit`.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a
+    `ClipByGlobalNormState`.
+
+  Raises:
+    ValueError: if ``max_norm`` is neither None nor a number > 0; the
+      message names the argument.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_zclip
+    >>> tx = optax_zclip.clip_by_global_norm(1.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> out, state = tx.update(jnp.array([3.0, 4.0]), state)
+    >>> print(out, float(state.grad_norm), int(state.clipped_count))
+    [0.6 0.8] 5.0 1
+
+  References:
+    Pascanu et al., `On the difficulty of training recurrent neural networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013.
+  """
+  if max_norm is not None:
+    _validation.check_number("max_norm", max_norm, lambda v: v > 0,
+                             "None or > 0 (inf: no cap)", float32=True,
+                             inf_ok=True)
+
+  def init_fn(params):
+    del params
+    i32, scalar = jnp.int32, _numerics.scalar
+    return ClipByGlobalNormState(
+        count=scalar(0, i32), grad_norm=scalar(0.0), clipped_norm=scalar(0.0),
+        threshold=scalar(jnp.inf if max_norm is None else max_norm),
+        clipped_count=scalar(0, i32), nonfinite_count=scalar(0, i32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    g_norm = _numerics.global_norm(updates, axis_name)
+    finite = jnp.isfinite(g_norm)
+    threshold = _numerics.as_f32(jnp.inf if max_norm is None else max_norm)
+    # With max_norm=None the scale is always 1, but it is still applied:
+    # otherwise XLA:CPU merges the norm's squares with the optimizer's own
+    # (AdamW squares the same gradients) and writes them to memory, which
+    # triples the cost of the step; squaring scaled gradients keeps them apart.
+    scale = _numerics.clip_scale(g_norm, threshold)
+    updates = _numerics.scale_tree(updates, scale)
+    new_state = ClipByGlobalNormState(
+        count=_numerics.increment_where(finite, state.count),
+        grad_norm=g_norm,
+        clipped_norm=g_norm * scale,
+        threshold=threshold,
+        clipped_count=_numerics.increment_where(scale < 1,
+                                                state.clipped_count),
+        nonfinite_count=_numerics.increment_where(~finite,
+                                                  state.nonfinite_count))
+    return updates, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

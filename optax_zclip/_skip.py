@@ -1,0 +1,283 @@
+"""Skipping a whole step on an extreme loss or gradient-norm outlier."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_zclip import _numerics, _validation
+from optax_zclip._numerics import F32, AxisName
+from optax_zclip._stats import loggable_state
+
+
+@loggable_state(
+    "skip",
+    fields=("size", "skipped", "skip_count", "nonfinite_count", "grad_norm",
+            "loss_threshold", "norm_threshold"))
+class SkipSpikesState(NamedTuple):
+  """State of `skip_spikes`: the recent history, telemetry and the inner state.
+
+  `optax_zclip.stats` reports every field but the three buffers and
+  ``position``, and, with its own keys, the states of this package's
+  transforms inside ``inner_state``.
+
+  Attributes:
+    losses: float32 vector of shape ``[window]``, a ring buffer of the losses
+      of the last ``size`` finite steps (0 in a slot whose step had no
+      loss).
+    has_loss: bool vector of shape ``[window]``, whether each slot of
+      ``losses`` holds a loss (a step updated without ``value=`` records its
+      norm only).
+    norms: float32 vector of shape ``[window]``, a ring buffer of the global
+      norms of the same steps' incoming updates.
+    size: int32 scalar, how many steps the buffers hold, ``min(finite steps
+      so far, window)``.
+    position: int32 scalar, the slot the next finite step writes (the oldest
+      one once the buffers are full).
+    skipped: int32 scalar, 1 if the last step was skipped, else 0.
+    skip_count: int32 scalar, cumulative number of skipped steps, non-finite
+      ones included.
+    nonfinite_count: int32 scalar, cumulative number of steps skipped because
+      the loss or the norm was NaN or Inf; they did not enter the buffers.
+    grad_norm: float32 scalar, global norm of the last step's incoming
+      updates, before the inner transform (NaN or Inf on a non-finite step).
+    loss_threshold: float32 scalar, the loss above which the last step was
+      skipped, ``mean + sigma * std`` of the losses in the buffer; ``inf``
+      when the loss test did not apply (too short a history, or no loss).
+    norm_threshold: float32 scalar, the same for the global norm.
+    inner_state: the state of the wrapped transformation, exactly as it was
+      after the last step that was not skipped.
+  """
+
+  losses: jax.Array
+  has_loss: jax.Array
+  norms: jax.Array
+  size: jax.Array
+  position: jax.Array
+  skipped: jax.Array
+  skip_count: jax.Array
+  nonfinite_count: jax.Array
+  grad_norm: jax.Array
+  loss_threshold: jax.Array
+  norm_threshold: jax.Array
+  inner_state: Any
+
+
+def _window_stats(values: jax.Array, valid: jax.Array, n: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Mean and sample standard deviation (ddof=1) of ``values[valid]``.
+
+  Two passes over the (small) buffer, the mean first and then the centred
+  squares: a one-pass ``E[x^2] - E[x]^2`` cancels to noise in float32 when
+  the spread is tiny next to the mean, as it is for a loss near 2.5. The
+  deviations are divided by the largest one before squaring, so that a huge
+  finite value in the window (a 1e30 loss) does not overflow the sum. With
+  ``n < 2`` the standard deviation is not used and is returned as 0.
+  """
+  count = jnp.maximum(n, 1).astype(F32)
+  mean = jnp.sum(jnp.where(valid, values / count, 0.0))
+  dev = jnp.where(valid, values - mean, 0.0)
+  peak = jnp.max(jnp.abs(dev))
+  unit = jnp.where(peak > 0, peak, 1.0)
+  dof = jnp.maximum(n - 1, 1).astype(F32)
+  std = peak * jnp.sqrt(jnp.sum(jnp.square(dev / unit)) / dof)
+  return mean, std
+
+
+def _test(x, values, valid, n, min_history, sigma):
+  """``(outlier, threshold)`` of the one-sided test of ``x`` on a window.
+
+  The test applies once the history holds ``n`` values with ``n + 1 >=
+  min_history`` and ``n >= 2`` (one value has no sample standard
+  deviation); otherwise ``x`` is no outlier and the threshold is ``inf``.
+  """
+  mean, std = _window_stats(values, valid, n)
+  active = (n + 1 >= min_history) & (n >= 2)
+  outlier = active & (x - mean > sigma * std)
+  return outlier, jnp.where(active, mean + sigma * std, jnp.inf)
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    window: int = 128,
+    sigma: jax.typing.ArrayLike = 6.0,
+    *,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Skips a whole step when its loss or gradient norm is an extreme outlier.
+
+  Wraps an optimizer, typically ``optax.chain(optax_zclip.zclip(),
+  optax.adamw(lr))``, and keeps the losses ``L`` and global gradient norms
+  ``G`` of the last ``window`` finite steps. Each step, with ``x`` its loss
+  (passed as ``tx.update(grads, state, params, value=loss)``, the name
+  optax gives a loss) and ``g`` the float32 global norm of the incoming
+  updates, before any clipping:
+
+  * if ``x`` or ``g`` is NaN or Inf, the step is skipped and nothing is
+    recorded;
+  * else, while the history holds ``n`` steps with ``n + 1 < max(2, window
+    // 2)``, the step is taken;
+  * else the step is skipped when
+
+    .. math::
+      x - \operatorname{mean}(L) > \sigma \operatorname{std}(L)
+      \quad\text{or}\quad
+      g - \operatorname{mean}(G) > \sigma \operatorname{std}(G),
+
+    with the sample standard deviation (ddof=1); only an increase counts;
+  * then the pair ``(x, g)`` is recorded, skipped or not, replacing the
+    oldest once ``window`` are held.
+
+  A skipped step returns zero updates and leaves the inner state (AdamW's
+  moments and count, ZClip's statistics) bit-identical; a taken step is
+  exactly the inner transformation's. This is OLMo-core's rule for skipping
+  steps, with a NaN never entering the history (where it would skip every
+  step until it aged out) and the norm always taken before clipping.
+
+  Without ``value`` only the norm test applies; the step's norm is still
+  recorded, and the loss test of later steps uses the losses that were
+  given (it needs as many of them as the norm test needs norms). All extra
+  arguments, ``value`` included, are passed on to ``inner`` (optax's
+  `optax.contrib.reduce_on_plateau` reads the same ``value``).
+
+  Computing the inner update on every step and selecting its result (rather
+  than a `jax.lax.cond`) keeps one compiled path, and lets XLA compute the
+  global norm once when ``inner`` starts with `zclip` or
+  `clip_by_global_norm` (they reduce the same updates the same way).
+
+  Args:
+    inner: the optimizer whose steps are taken or skipped, an
+      `optax.GradientTransformation`.
+    window: how many recent finite steps the statistics cover; a Python int
+      >= 2 (it sets the state's shape, so under `optax.inject_hyperparams`
+      list it in ``static_args``). The test starts once ``window // 2`` steps
+      are recorded.
+    sigma: how many standard deviations above the window's mean a loss or
+      norm must be to skip the step; > 0.
+    axis_name: a mesh axis name (or tuple of names) over which the squared
+      norm is ``psum``-ed, inside `jax.shard_map` or `jax.pmap` when each
+      device holds a slice of the gradients (the loss must then be the
+      global one, ``pmean``-ed, so that every device decides alike). Leave
+      None on one device, for replicated gradients and under sharded
+      `jax.jit`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `SkipSpikesState`.
+
+  Raises:
+    ValueError: if ``inner`` is not an `optax.GradientTransformation`,
+      ``window`` not an integer >= 2 or ``sigma`` not a number > 0 (the
+      message names the argument); when the update is traced, if ``value``
+      is not a scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_zclip
+    >>> tx = optax_zclip.skip_spikes(optax.sgd(1.0), window=4, sigma=3.0)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for g, loss in [(1.0, 3.0), (1.1, 2.9), (0.9, 2.8), (1.0, 9.0)]:
+    ...   out, state = tx.update(jnp.array([g]), state, value=loss)
+    >>> print(out, int(state.skipped), f"{state.loss_threshold:.3f}")
+    [0.] 1 3.200
+    >>> out, state = tx.update(jnp.array([1.0]), state, value=2.7)
+    >>> print(out, int(state.skip_count))
+    [-1.] 1
+
+  References:
+    The rule of OLMo-core's ``SkipStepOptimizer``:
+    https://github.com/allenai/OLMo-core/blob/fa6c5014c9f6e9ee789da2d9c20d5126fee8df0d/src/olmo_core/optim/skip_step_optimizer.py.
+    The same rule as optax wrappers: MaxText's ``skip_step_on_spikes``,
+    https://github.com/AI-Hypercomputer/maxtext/blob/e591f30cbbf217ed67ef71263ec0538239f9c3b8/src/maxtext/optimizers/optimizers.py,
+    and Levanter's ``SkipStepConfig``,
+    https://github.com/marin-community/levanter/blob/9263f81e8b453241332c2c0b2d2001bfb2d2241c/src/levanter/optim/skipstep.py.
+  """
+  if not isinstance(inner, optax.GradientTransformation):
+    raise ValueError(
+        "`inner` must be an optax.GradientTransformation (for "
+        "optax.MultiSteps, wrap skip_spikes in it instead); got "
+        f"{inner!r}.")
+  _validation.check_int("window", window, 2, static=True)
+  _validation.check_number("sigma", sigma, lambda v: v > 0, "finite and > 0",
+                           float32=True)
+  window = int(window)
+  min_history = max(2, window // 2)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    i32, scalar = jnp.int32, _numerics.scalar
+    return SkipSpikesState(
+        losses=jnp.zeros([window], F32),
+        has_loss=jnp.zeros([window], jnp.bool_),
+        norms=jnp.zeros([window], F32),
+        size=scalar(0, i32), position=scalar(0, i32),
+        skipped=scalar(0, i32), skip_count=scalar(0, i32),
+        nonfinite_count=scalar(0, i32), grad_norm=scalar(0.0),
+        loss_threshold=scalar(jnp.inf), norm_threshold=scalar(jnp.inf),
+        inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    loss = extra_args.get("value")
+    given = loss is not None
+    if given:
+      loss = _numerics.as_f32(loss)
+      if loss.ndim:
+        raise ValueError("`value` must be a scalar (the step's loss); got "
+                         f"shape {loss.shape}.")
+    else:
+      loss = jnp.zeros([], F32)  # recorded with has_loss False, never read
+
+    sig = _numerics.as_f32(sigma)
+    g_norm = _numerics.global_norm(updates, axis_name)
+    held = jnp.arange(window) < state.size
+    norm_spike, norm_threshold = _test(g_norm, state.norms, held, state.size,
+                                       min_history, sig)
+    with_loss = held & state.has_loss
+    loss_spike, loss_threshold = _test(
+        loss, state.losses, with_loss, jnp.sum(with_loss, dtype=jnp.int32),
+        min_history, sig)
+    if not given:
+      loss_spike = jnp.zeros([], jnp.bool_)
+      loss_threshold = jnp.full([], jnp.inf, F32)
+    finite = jnp.isfinite(g_norm) & jnp.isfinite(loss)
+    skip = ~finite | loss_spike | norm_spike
+
+    # A finite step is recorded whether it is skipped or not, so that a
+    # lasting shift of the loss or norm becomes the new normal within
+    # `window` steps instead of skipping forever; a non-finite one never is.
+    pos = state.position
+    losses = state.losses.at[pos].set(
+        jnp.where(finite, loss, state.losses[pos]))
+    has_loss = state.has_loss.at[pos].set(
+        jnp.where(finite, given, state.has_loss[pos]))
+    norms = state.norms.at[pos].set(
+        jnp.where(finite, g_norm, state.norms[pos]))
+    size = jnp.where(finite, jnp.minimum(state.size + 1, window), state.size)
+    position = jnp.where(finite, (pos + 1) % window, pos)
+
+    # The inner update runs on every step and a skip selects the old state:
+    # a `where`, not a multiply by 0, so that a NaN update cannot leak
+    # through (0 * NaN is NaN), and one compiled path in which XLA can share
+    # the global norm with a ZClip at the head of the inner chain.
+    inner_updates, inner_state = inner.update(
+        updates, state.inner_state, params, **extra_args)
+    inner_updates = jax.tree.map(
+        lambda u: jnp.where(skip, jnp.zeros([], u.dtype), u), inner_updates)
+    inner_state = jax.tree.map(lambda old, new: jnp.where(skip, old, new),
+                               state.inner_state, inner_state)
+
+    new_state = SkipSpikesState(
+        losses=losses, has_loss=has_loss, norms=norms,
+        size=size.astype(jnp.int32), position=position.astype(jnp.int32),
+        skipped=skip.astype(jnp.int32),
+        skip_count=_numerics.increment_where(skip, state.skip_count),
+        nonfinite_count=_numerics.increment_where(~finite,
+                                                  state.nonfinite_count),
+        grad_norm=g_norm, loss_threshold=loss_threshold.astype(F32),
+        norm_threshold=norm_threshold.astype(F32), inner_state=inner_state)
+    return inner_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

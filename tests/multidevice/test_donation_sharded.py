@@ -1,0 +1,105 @@
+"""Donated params and optimizer state under sharded jit, on 8 devices.
+
+Every transform chained before AdamW, with the params split over 8 devices
+(FSDP-style) and the state from ``tx.init`` jitted with the shardings a
+trainer gives it, runs a jitted step that
+donates both: it compiles once, keeps the params sharded, consumes the old
+buffers, logs the float64 global norm, and ends where the one-device run
+ends.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from references import tree_norm64
+from transforms import TRANSFORMS, chain_state, grad_norm, reference, with_adamw
+
+import optax_zclip
+
+SHAPES = {"w": (16, 8), "b": (8,), "emb": (4, 16)}
+DTYPES = {"w": jnp.float32, "b": jnp.float32, "emb": jnp.bfloat16}
+SPECS = {"w": P("fsdp"), "b": P("fsdp"), "emb": P(None, "fsdp")}
+STEPS, SPIKE = 12, 9
+
+
+def _grads(t):
+  rng = np.random.default_rng(t)
+  scale = 20.0 if t == SPIKE else 1.0
+  return {k: jnp.asarray(rng.standard_normal(s) * 0.05 * scale, DTYPES[k])
+          for k, s in SHAPES.items()}
+
+
+def _loss(t):
+  """The loss passed as ``value=`` (which only `skip_spikes` reads)."""
+  return np.float32(2.0 - 0.01 * t + 0.02 * np.sin(t) + 3.0 * (t == SPIKE))
+
+
+def _run(name, shardings, init="jit"):
+  tx = with_adamw(name)
+  traces = []
+
+  def step(params, opt_state, grads, loss):
+    traces.append(1)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    return (optax.apply_updates(params, updates), opt_state,
+            optax_zclip.stats(opt_state))
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  params = {k: jnp.full(s, 0.1, DTYPES[k]) for k, s in SHAPES.items()}
+  if shardings is not None:
+    params = jax.device_put(params, shardings)
+  if shardings is not None and init == "jit":
+    # As sharded trainers build it: under jit, each param-shaped leaf
+    # (AdamW's moments) sharded like its param, everything else (counters,
+    # statistics, and AdaGC's per-tensor scalars, which optax also maps as
+    # params since they share the params' structure) replicated. An eager
+    # init would leave the scalars on one device, so the second step would
+    # see new input shardings and compile again (optax.adamw's own count
+    # does that too), as the "eager" case checks.
+    abstract = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(shardings["w"].mesh, P())
+    out = optax.tree_map_params(
+        tx, lambda leaf, sharding: sharding if leaf.ndim else replicated,
+        abstract, shardings,
+        transform_non_params=lambda _: replicated)
+    state = jax.jit(tx.init, out_shardings=out)(params)
+  else:
+    state = tx.init(params)
+  ref = reference(name)
+  for t in range(STEPS):
+    grads = _grads(t)
+    if shardings is not None:
+      grads = jax.device_put(grads, shardings)
+    old = jax.tree.leaves((params, chain_state(name, state)[1]))
+    params, state, logged = step(params, state, grads, _loss(t))
+    assert all(x.is_deleted() for x in old)
+    norm64 = tree_norm64(jax.tree.leaves(grads))
+    np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
+    if ref is not None:
+      skip = ref.step(norm64, float(_loss(t)))["skip"]
+      assert int(logged["skip/skipped"]) == skip, t
+      assert skip or t != SPIKE
+  assert len(traces) == (1 if init == "jit" or shardings is None else 2)
+  return params, state
+
+
+@pytest.mark.parametrize("init", ["jit", "eager"])
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_sharded_jit_with_params_and_state_donated(name, init):
+  mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
+  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  params, state = _run(name, shardings, init)
+  for k, sharding in shardings.items():
+    assert params[k].sharding.is_equivalent_to(sharding, len(SHAPES[k]))
+  params1, state1 = _run(name, None)
+  for a, b in zip(jax.tree.leaves((params, state)),
+                  jax.tree.leaves((params1, state1)), strict=True):
+    np.testing.assert_allclose(np.asarray(a, np.float64),
+                               np.asarray(b, np.float64), rtol=1e-4,
+                               atol=1e-6)

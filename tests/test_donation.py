@@ -1,0 +1,259 @@
+"""Training loops that donate the optimizer state, as real trainers do.
+
+MaxText, Levanter and the Flax examples donate params and optimizer state to
+the jitted step so that they are updated in place. That fails on the first
+step ("Attempt to donate the same buffer twice") if two leaves of a state
+share one buffer, so: no leaf of any state from ``init`` or ``update`` may
+share a buffer with another; every transform chained before AdamW runs under
+``jax.jit`` with donation and under ``nnx.jit(donate_argnums=(0, 1))``, each
+compiling its step once; and an Orbax checkpoint of a donated state, restored
+mid-run, continues bit-identically. `skip_spikes` wraps the whole chain and
+is passed the loss; its decisions are checked against its float64
+reference. (The same under sharded jit on 8 devices
+is in ``multidevice/test_donation_sharded.py``.) The values are checked
+against float64 norms so that a donated run is known to be right, not only to
+run.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from references import tree_norm64
+from transforms import (
+  FACTORIES,
+  TRANSFORMS,
+  chain_state,
+  counted_steps,
+  grad_norm,
+  reference,
+  with_adamw,
+)
+
+import optax_zclip
+
+# A bf16 leaf among float32 ones, as mixed-precision models have.
+SHAPES = {"w": (16, 8), "b": (8,), "emb": (4, 16)}
+DTYPES = {"w": jnp.float32, "b": jnp.float32, "emb": jnp.bfloat16}
+STEPS = 14
+SPIKE = 9  # a gradient 20x the others, after every warm-up
+
+
+def _params():
+  return {k: jnp.full(s, 0.1, DTYPES[k]) for k, s in SHAPES.items()}
+
+
+def _grads(t):
+  rng = np.random.default_rng(t)
+  scale = 20.0 if t == SPIKE else 1.0
+  return {k: jnp.asarray(rng.standard_normal(s) * 0.05 * scale, DTYPES[k])
+          for k, s in SHAPES.items()}
+
+
+def _loss(t):
+  """The loss passed as ``value=`` (which only `skip_spikes` reads)."""
+  return np.float32(2.0 - 0.01 * t + 0.02 * np.sin(t) + 3.0 * (t == SPIKE))
+
+
+def _buffers(tree):
+  """(path, buffer address) of every non-empty array leaf of ``tree``."""
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(x, jax.Array) and x.size:
+      for shard in x.addressable_shards:
+        out.append((jax.tree_util.keystr(path),
+                    shard.data.unsafe_buffer_pointer()))
+  return out
+
+
+def _assert_own_buffers(tree, what):
+  seen = {}
+  for path, ptr in _buffers(tree):
+    assert ptr not in seen, f"{what}: {path} shares a buffer with {seen[ptr]}"
+    seen[ptr] = path
+
+
+def test_the_catalog_covers_every_public_transform():
+  public = {name for name in optax_zclip.__all__
+            if inspect.isfunction(getattr(optax_zclip, name))
+            and "GradientTransformation" in str(
+                inspect.signature(getattr(optax_zclip, name))
+                .return_annotation)}
+  assert public == FACTORIES
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_no_two_leaves_of_a_state_share_a_buffer(name):
+  tx = with_adamw(name)
+  params = _params()
+  eager = tx.init(params)
+  _assert_own_buffers(eager, "init")
+  _assert_own_buffers(jax.jit(tx.init)(params), "jitted init")
+  _, state = tx.update(_grads(0), eager, params, value=_loss(0))
+  _assert_own_buffers(state, "update")
+  _, state = jax.jit(tx.update)(_grads(1), state, params, value=_loss(1))
+  _assert_own_buffers(state, "jitted update")
+
+
+def _make_step(tx, traces):
+  def step(params, opt_state, grads, loss):
+    traces.append(1)  # runs once per trace, never per call
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    return (optax.apply_updates(params, updates), opt_state,
+            optax_zclip.stats(opt_state))
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _undonated_run(name):
+  tx = with_adamw(name)
+  step = jax.jit(lambda p, s, g, x: _apply(tx, p, s, g, x))
+  params = _params()
+  state = tx.init(params)
+  for t in range(STEPS):
+    params, state = step(params, state, _grads(t), _loss(t))
+  return params, state
+
+
+def _apply(tx, params, state, grads, loss):
+  updates, state = tx.update(grads, state, params, value=loss)
+  return optax.apply_updates(params, updates), state
+
+
+def _assert_bits_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                          jax.tree.leaves(b), strict=True):
+    x, y = np.atleast_1d(x), np.atleast_1d(y)
+    assert x.dtype == y.dtype, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_jax_jit_with_params_and_state_donated(name):
+  tx = with_adamw(name)
+  traces = []
+  step = _make_step(tx, traces)
+  params = _params()
+  state = tx.init(params)  # a fresh state, donated on the very first step
+  ref = reference(name)
+  for t in range(STEPS):
+    # AdamW's moments and the params: gradient-sized, updated in place.
+    old = jax.tree.leaves((params, chain_state(name, state)[1]))
+    grads = _grads(t)
+    params, state, logged = step(params, state, grads, _loss(t))
+    # Donated means consumed: the old buffers are gone. (Telemetry fields
+    # that the next update does not read are not inputs of the compiled
+    # step, so JAX leaves them alone.)
+    assert all(x.is_deleted() for x in old)
+    norm64 = tree_norm64(jax.tree.leaves(grads))
+    np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
+    if ref is not None:
+      skip = ref.step(norm64, float(_loss(t)))["skip"]
+      assert int(logged["skip/skipped"]) == skip, t
+      assert skip or t != SPIKE
+  assert len(traces) == 1 and step._cache_size() == 1
+  # The same numbers as without donation (whose values the transforms' own
+  # tests hold to float64 references), bit for bit.
+  _assert_bits_equal((params, state), _undonated_run(name))
+
+
+class _Model(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(6, 16, rngs=rngs)
+    self.l2 = nnx.Linear(16, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.gelu(self.l1(x)))
+
+
+def _batch(t):
+  rng = np.random.default_rng(100 + t)
+  x = rng.standard_normal((32, 6)).astype(np.float32)
+  y = np.sin(x.sum(axis=1, keepdims=True)).astype(np.float32)
+  if t == SPIKE:
+    y = y * 50.0  # bad labels: a gradient spike
+  return jnp.asarray(x), jnp.asarray(y)
+
+
+def _nnx_step(traces):
+  @nnx.jit(donate_argnums=(0, 1))
+  def train_step(model, optimizer, x, y):
+    traces.append(1)
+
+    def loss_fn(model):
+      return jnp.mean((model(x) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, value=loss)
+    return loss, grads, optax_zclip.stats(optimizer)
+
+  return train_step
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_nnx_jit_with_model_and_optimizer_donated(name):
+  model = _Model(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
+  traces = []
+  train_step = _nnx_step(traces)
+  ref = reference(name)
+  for t in range(STEPS):
+    old = jax.tree.leaves((nnx.state(model),
+                           chain_state(name, optimizer.opt_state)[1]))
+    loss, grads, logged = train_step(model, optimizer, *_batch(t))
+    assert all(x.is_deleted() for x in old)
+    norm64 = tree_norm64(jax.tree.leaves(grads))
+    np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
+    if ref is not None:
+      skip = ref.step(norm64, float(loss))["skip"]
+      assert int(logged["skip/skipped"]) == skip, t
+      assert skip or t != SPIKE
+  assert len(traces) == 1
+  # The transform before AdamW saw every step but the skipped ones.
+  assert int(counted_steps(name, logged)) == STEPS - (ref.skips if ref else 0)
+
+
+def _split_run(name, save_at, directory):
+  """A donated nnx run, checkpointed at ``save_at`` and resumed from it."""
+  model = _Model(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
+  train_step = _nnx_step([])
+  with ocp.StandardCheckpointer() as ckptr:
+    for t in range(STEPS):
+      if t == save_at:
+        ckptr.save(directory, {"model": nnx.state(model),
+                               "optimizer": nnx.state(optimizer)})
+        # The next step donates these buffers: the save must have read them.
+        ckptr.wait_until_finished()
+      train_step(model, optimizer, *_batch(t))
+    uninterrupted = nnx.state((model, optimizer))
+
+    # A new process would build the model and optimizer afresh and restore
+    # into their abstract state.
+    model = _Model(nnx.Rngs(123))
+    optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
+    target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = ckptr.restore(directory, abstract)
+  nnx.update(model, restored["model"])
+  nnx.update(optimizer, restored["optimizer"])
+  for t in range(save_at, STEPS):
+    train_step(model, optimizer, *_batch(t))
+  return uninterrupted, nnx.state((model, optimizer))
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_orbax_restore_of_a_donated_state_continues_bit_identically(
+    name, tmp_path):
+  uninterrupted, resumed = _split_run(name, save_at=SPIKE - 2,
+                                      directory=tmp_path / "ckpt")
+  _assert_bits_equal(resumed, uninterrupted)

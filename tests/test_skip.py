@@ -1,0 +1,661 @@
+"""`skip_spikes` against a float64 transcription of its rule.
+
+Sequences of gradients and losses with loss outliers, norm outliers, both at
+once, outliers before the test is active, NaN and Inf gradients and losses,
+run through ``skip_spikes(chain(zclip(), adamw()))`` for windows of 4, 7 and
+128 (long enough to wrap the ring buffer): every decision and threshold must
+be the reference's (`references.SkipSpikesRef`, a deque of pairs), a skipped
+step must return zeros and leave the inner state bit-identical, and the run
+must equal the inner chain run on the kept steps only. Then the wrappers
+(`optax.MultiSteps`, `optax.apply_if_finite`, `optax.inject_hyperparams`),
+Flax NNX with the loss passed to ``optimizer.update``, an Orbax restore in the
+middle of the window, the telemetry, the edge cases and the compiled HLO (one
+reduction of the gradients for the norm, shared with ZClip's).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from references import SHAPES, SkipSpikesRef, tree_norm64
+
+import optax_zclip
+
+LR = 1e-2
+ZCLIP = dict(warmup_steps=5)
+
+
+def _grads(rng, norm):
+  tree = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+  n = tree_norm64(tree.values())
+  return {k: (v * norm / n).astype(np.float32) for k, v in tree.items()}
+
+
+def make_run(steps, seed, events):
+  """``[(grads, loss)]``: a drifting norm and a decaying loss, plus events.
+
+  ``events`` maps a step to what happens there: ``("norm", k)`` multiplies
+  the norm by ``k``, ``("loss", d)`` adds ``d`` to the loss, ``("both", k,
+  d)`` does both, ``("nan_grad",)``, ``("inf_grad",)``, ``("nan_loss",)``,
+  ``("inf_loss",)`` and ``("no_loss",)`` speak for themselves.
+  """
+  rng = np.random.default_rng(seed)
+  run = []
+  for t in range(steps):
+    norm = (1.0 + 0.2 * math.sin(t / 15)) * math.exp(0.05 *
+                                                      rng.standard_normal())
+    loss = 3.0 * math.exp(-t / 300) + 0.02 * rng.standard_normal()
+    kind, *args = events.get(t, ("",))
+    if kind in ("norm", "both"):
+      norm *= args[0]
+    if kind in ("loss", "both"):
+      loss += args[-1]
+    grads = _grads(rng, norm)
+    if kind in ("nan_grad", "inf_grad"):
+      grads["w2"][1, 0, 2] = np.nan if kind == "nan_grad" else np.inf
+    loss = {"nan_loss": math.nan, "inf_loss": math.inf,
+            "no_loss": None}.get(kind, loss)
+    run.append((grads, loss))
+  return run
+
+
+# (window, sigma, steps, events). The small windows' tests start at 2 and 3
+# recorded steps; the 128 one at 63, so its step-30 spike is taken.
+RUNS = {
+    4: (4, 3.0, 48, {
+        10: ("norm", 30.0), 16: ("loss", 3.0), 21: ("nan_grad",),
+        22: ("nan_loss",), 27: ("both", 20.0, 2.0), 33: ("inf_loss",),
+        34: ("inf_grad",), 40: ("norm", 25.0), 41: ("loss", 4.0)}),
+    7: (7, 3.0, 70, {
+        2: ("norm", 40.0), 12: ("norm", 30.0), 20: ("loss", 3.0),
+        28: ("nan_grad",), 29: ("nan_grad",), 36: ("nan_loss",),
+        44: ("both", 20.0, 3.0), 52: ("inf_grad",), 60: ("loss", 5.0)}),
+    128: (128, 6.0, 420, {
+        30: ("norm", 40.0), 35: ("loss", 4.0), 90: ("norm", 30.0),
+        150: ("loss", 3.0), 200: ("nan_grad",), 201: ("nan_loss",),
+        260: ("both", 25.0, 3.0), 330: ("norm", 30.0), 380: ("inf_grad",),
+        400: ("loss", 2.0)}),
+}
+
+
+def _skip_tx(window, sigma):
+  return optax_zclip.skip_spikes(
+      optax.chain(optax_zclip.zclip(**ZCLIP), optax.adamw(LR)),
+      window=window, sigma=sigma)
+
+
+def _params():
+  return {k: jnp.linspace(-1.0, 1.0, int(np.prod(s)), dtype=jnp.float32)
+          .reshape(s) for k, s in SHAPES.items()}
+
+
+def _step(tx):
+  @jax.jit
+  def step(params, state, grads, loss):
+    extra = {} if loss is None else {"value": loss}
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state, updates
+
+  return step
+
+
+def _bits(x):
+  a = np.atleast_1d(np.asarray(x))
+  return a.view(f"u{a.dtype.itemsize}")
+
+
+def _assert_bit_identical(a, b, msg=""):
+  assert jax.tree.structure(a) == jax.tree.structure(b), msg
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(_bits(x), _bits(y), err_msg=msg)
+
+
+def _run64(run):
+  return [(tree_norm64(g.values()), loss) for g, loss in run]
+
+
+@pytest.mark.parametrize("window", list(RUNS))
+def test_decisions_and_thresholds_equal_the_float64_reference(window):
+  window, sigma, steps, events = RUNS[window]
+  run = make_run(steps, seed=window, events=events)
+  tx = _skip_tx(window, sigma)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=window, sigma=sigma)
+  kinds = set()
+  for t, ((grads, loss), (g64, _)) in enumerate(zip(run, _run64(run),
+                                                    strict=True)):
+    before = state.inner_state
+    params, state, updates = step(params, state, grads, loss)
+    want = ref.step(g64, loss)
+    assert int(state.skipped) == want["skip"], t
+    assert int(state.skip_count) == ref.skips, t
+    assert int(state.nonfinite_count) == ref.nonfinite, t
+    assert int(state.size) == len(ref.history), t
+    for key in ("loss_threshold", "norm_threshold"):
+      np.testing.assert_allclose(float(getattr(state, key)), want[key],
+                                 rtol=1e-5, err_msg=f"{key} at {t}")
+    if math.isfinite(g64):
+      np.testing.assert_allclose(float(state.grad_norm), g64, rtol=1e-5)
+    if want["skip"]:
+      _assert_bit_identical(state.inner_state, before, f"step {t}")
+      for u in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(u, np.zeros_like(u))
+      kinds.add("nonfinite" if want["nonfinite"] else
+                ("loss" if want["loss_out"] else "")
+                + ("norm" if want["norm_out"] else ""))
+    elif t in events:
+      kinds.add("taken")  # an event the test was not yet active for
+  # Every kind of skip happened, so the agreement above means something.
+  assert {"nonfinite", "loss", "norm", "lossnorm"} <= kinds, kinds
+  if window == 128:
+    assert "taken" in kinds
+  # The ring buffer holds the last `window` finite pairs, oldest overwritten.
+  recorded = list(ref.history)
+  pos = int(state.position)
+  order = [(pos + i) % window for i in range(window)][-len(recorded):]
+  np.testing.assert_allclose(np.asarray(state.norms)[order],
+                             [g for _, g in recorded], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.losses)[order],
+                             [x for x, _ in recorded], rtol=1e-6)
+  assert len(recorded) == min(window, steps - ref.nonfinite)
+
+
+@pytest.mark.parametrize("window", [4, 7])
+def test_a_run_equals_the_inner_chain_on_the_kept_steps_only(window):
+  window, sigma, steps, events = RUNS[window]
+  run = make_run(steps, seed=window, events=events)
+  tx = _skip_tx(window, sigma)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  kept = []
+  for grads, loss in run:
+    params, state, _ = step(params, state, grads, loss)
+    if not int(state.skipped):
+      kept.append(grads)
+  assert len(kept) < len(run) - 5
+  inner = optax.chain(optax_zclip.zclip(**ZCLIP), optax.adamw(LR))
+  inner_step = _step(inner)
+  p1 = _params()
+  s1 = inner.init(p1)
+  for grads in kept:
+    p1, s1, _ = inner_step(p1, s1, grads, None)
+  for k in params:
+    np.testing.assert_allclose(params[k], p1[k], rtol=1e-6, atol=1e-6)
+  assert int(s1[1][0].count) == len(kept)  # AdamW's count
+  for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(s1),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_steps_without_a_loss_use_the_norm_test_and_record_the_norm():
+  # A loss on some steps only: the loss test reads only the losses given.
+  events = {t: ("no_loss",) for t in range(0, 60, 3)}
+  events.update({4: ("no_loss",), 5: ("no_loss",), 25: ("loss", 3.0),
+                 31: ("norm", 30.0), 40: ("loss", 4.0), 43: ("both", 20, 3)})
+  run = make_run(60, seed=11, events=events)
+  tx = _skip_tx(7, 3.0)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=7, sigma=3.0)
+  for t, (grads, loss) in enumerate(run):
+    params, state, _ = step(params, state, grads, loss)
+    want = ref.step(tree_norm64(grads.values()), loss)
+    assert int(state.skipped) == want["skip"], t
+    np.testing.assert_allclose(float(state.loss_threshold),
+                               want["loss_threshold"], rtol=1e-5)
+    np.testing.assert_allclose(float(state.norm_threshold),
+                               want["norm_threshold"], rtol=1e-5)
+    if loss is None:
+      assert float(state.loss_threshold) == math.inf
+  assert ref.skips >= 3
+  held = [x is not None for x, _ in ref.history]
+  pos = int(state.position)
+  np.testing.assert_array_equal(
+      np.asarray(state.has_loss)[[(pos + i) % 7 for i in range(7)]], held)
+
+
+def test_without_any_loss_only_the_norm_decides():
+  run = make_run(40, seed=5, events={20: ("loss", 9.0), 30: ("norm", 30.0)})
+  tx = _skip_tx(7, 3.0)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=7, sigma=3.0)
+  skipped = []
+  for t, (grads, _) in enumerate(run):
+    params, state, _ = step(params, state, grads, None)
+    assert int(state.skipped) == ref.step(tree_norm64(grads.values()))["skip"]
+    skipped += [t] * int(state.skipped)
+  assert 30 in skipped and 20 not in skipped  # the loss outlier went through
+  assert not np.asarray(state.has_loss).any()
+  assert not np.asarray(state.losses).any()  # zeros, never NaN
+
+
+# --------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("bad", ["nan_grad", "inf_grad", "nan_loss",
+                                 "inf_loss"])
+@pytest.mark.parametrize("at", [1, 20])  # before the test is active, after
+def test_a_non_finite_step_is_skipped_and_recorded_nowhere(bad, at):
+  run = make_run(at + 1, seed=3, events={at: (bad,)})
+  tx = _skip_tx(7, 3.0)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  for grads, loss in run[:-1]:
+    params, state, _ = step(params, state, grads, loss)
+  new_params, new_state, updates = step(params, state, *run[-1])
+  _assert_bit_identical(new_params, params)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(u, np.zeros_like(u))  # zeros, not NaN
+  _assert_bit_identical(
+      (new_state.inner_state, new_state.losses, new_state.norms,
+       new_state.has_loss, new_state.size, new_state.position),
+      (state.inner_state, state.losses, state.norms, state.has_loss,
+       state.size, state.position))
+  assert int(new_state.skipped) == 1
+  assert int(new_state.nonfinite_count) == 1
+  assert int(new_state.skip_count) == int(state.skip_count) + 1
+
+
+def test_a_constant_history_skips_any_larger_value_and_no_nan_appears():
+  tx = optax_zclip.skip_spikes(optax.sgd(1.0), window=4, sigma=6.0)
+  zero = {"w": jnp.zeros(3)}
+  state = tx.init(zero)
+  step = jax.jit(tx.update)
+  for _ in range(4):  # zero gradients, a constant loss: std is 0
+    out, state = step(zero, state, value=2.0)
+    assert int(state.skipped) == 0
+  assert float(state.norm_threshold) == 0.0
+  assert float(state.loss_threshold) == 2.0
+  _, equal = step(zero, state, value=2.0)
+  assert int(equal.skipped) == 0
+  _, above = step({"w": jnp.array([1e-3, 0.0, 0.0])}, state, value=2.0)
+  assert int(above.skipped) == 1
+  for leaf in jax.tree.leaves(above):
+    assert not np.isnan(np.asarray(leaf, np.float64)).any()
+
+
+def test_a_huge_finite_loss_in_the_window_does_not_overflow_the_statistics():
+  tx = optax_zclip.skip_spikes(optax.sgd(1.0), window=6, sigma=2.0)
+  grads = {"w": jnp.ones(2)}
+  state = tx.init(grads)
+  step = jax.jit(tx.update)
+  ref = SkipSpikesRef(window=6, sigma=2.0)
+  for t, loss in enumerate([3.0, 3.1, 2.9, 1e30, 3.0, 3.2, 2.8, 3.1, 3.0,
+                            2.9, 9.0]):
+    _, state = step(grads, state, value=loss)
+    want = ref.step(math.sqrt(2.0), loss)
+    assert int(state.skipped) == want["skip"], t
+    np.testing.assert_allclose(float(state.loss_threshold),
+                               want["loss_threshold"], rtol=1e-5)
+  # 1e30 squared overflows float32; its window gave a finite threshold.
+  assert ref.skips == 2  # 1e30 itself, and 9.0 once 1e30 has left
+
+
+def test_the_loss_may_be_any_real_scalar_but_not_a_vector():
+  tx = optax_zclip.skip_spikes(optax.sgd(1.0), window=2)
+  grads = {"w": jnp.ones(2)}
+  state = tx.init(grads)
+  for value in (2.5, np.float64(2.5), jnp.bfloat16(2.5), jnp.asarray(2),
+                np.array(2.5)):
+    _, s = jax.jit(tx.update)(grads, state, value=value)
+    np.testing.assert_array_equal(s.losses, [float(value), 0.0])
+  with pytest.raises(ValueError, match="^`value` must be a scalar"):
+    tx.update(grads, state, value=jnp.ones(2))
+
+
+# --------------------------------------------------------------------------
+# Inside Optax's wrappers, and Flax NNX.
+
+
+@pytest.mark.parametrize("with_loss", [True, False])
+def test_multisteps_decides_once_per_real_step_on_the_mean_gradient(
+    with_loss):
+  # MultiSteps hands each mini-step's extra args to the wrapped transform
+  # and keeps its state only at the last one: passing there the mean of the
+  # micro-batch losses (a running mean, as a train loop can keep) tests the
+  # real step's loss against the real steps' losses.
+  k, window, sigma = 3, 7, 3.0
+  # (No NaN here: optax's MultiSteps resets its accumulator by multiplying
+  # it by 0, so a NaN micro-batch would stay in it for good.)
+  events = {30: ("norm", 30.0), 45: ("loss", 6.0), 75: ("both", 20.0, 4.0)}
+  run = make_run(99, seed=8, events=events)
+  tx = optax.MultiSteps(_skip_tx(window, sigma), every_k_schedule=k)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=window, sigma=sigma)
+  for i in range(0, len(run), k):
+    micro = run[i:i + k]
+    for j, (grads, _) in enumerate(micro):
+      mean_loss = float(np.mean([x for _, x in micro[:j + 1]]))
+      before = state.inner_opt_state
+      params, state, _ = step(params, state, grads,
+                              mean_loss if with_loss else None)
+      if j < k - 1:
+        _assert_bit_identical(state.inner_opt_state, before)
+    mean = {key: np.mean([np.asarray(g[key], np.float64) for g, _ in micro],
+                         axis=0) for key in SHAPES}
+    want = ref.step(tree_norm64(mean.values()),
+                    mean_loss if with_loss else None)
+    s = state.inner_opt_state
+    assert int(s.skipped) == want["skip"], i
+    assert int(s.skip_count) == ref.skips, i
+    assert int(s.size) == len(ref.history), i
+  # One decision per real step, each kind of skip among them.
+  assert int(state.gradient_step) == len(run) // k
+  assert ref.skips >= (3 if with_loss else 2)
+
+
+def _poison(grads):
+  bad = {k: np.array(v) for k, v in grads.items()}
+  bad["w2"][1, 0, 2] = np.nan
+  return bad
+
+
+def test_multisteps_drops_a_nan_micro_batch_with_skip_not_finite():
+  # Without should_skip_update_fn, MultiSteps would keep the NaN in its
+  # accumulator (0 * NaN at the reset) and every later step would be NaN.
+  k = 3
+  run = make_run(60, seed=8, events={30: ("norm", 30.0)})
+  tx = optax.MultiSteps(_skip_tx(7, 3.0), every_k_schedule=k,
+                        should_skip_update_fn=optax.skip_not_finite)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=7, sigma=3.0)
+  for i in range(0, len(run), k):
+    micro = run[i:i + k]
+    for j, (grads, _) in enumerate(micro):
+      mean_loss = float(np.mean([x for _, x in micro[:j + 1]]))
+      if i == 21 and j == 1:  # an extra, NaN micro-batch: dropped
+        params, state, _ = step(params, state, _poison(grads),
+                                      mean_loss)
+        assert int(state.mini_step) == j
+      params, state, _ = step(params, state, grads, mean_loss)
+    mean = {key: np.mean([np.asarray(g[key], np.float64) for g, _ in micro],
+                         axis=0) for key in SHAPES}
+    want = ref.step(tree_norm64(mean.values()), mean_loss)
+    assert int(state.inner_opt_state.skipped) == want["skip"], i
+    assert want["skip"] or i != 30
+  assert all(np.isfinite(np.asarray(p)).all() for p in params.values())
+  assert int(state.inner_opt_state.nonfinite_count) == 0
+
+
+def test_apply_if_finite_around_skip_spikes():
+  # apply_if_finite rejects NaN steps before skip_spikes sees them; when it
+  # gives up (3 in a row here), skip_spikes still skips the step.
+  run = make_run(40, seed=2, events={30: ("norm", 30.0)})
+  tx = optax.apply_if_finite(_skip_tx(7, 3.0), max_consecutive_errors=2)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=7, sigma=3.0)
+  for t, (grads, loss) in enumerate(run):
+    if t == 20:
+      for n in range(3):
+        before_params, before = params, state.inner_state
+        params, state, _ = step(params, state, _poison(grads), loss)
+        _assert_bit_identical(params, before_params)
+        given_up = n == 2
+        assert int(state.inner_state.nonfinite_count) == given_up
+        if not given_up:
+          _assert_bit_identical(state.inner_state, before)
+        else:
+          ref.step(math.nan, loss)
+          _assert_bit_identical(state.inner_state.inner_state,
+                                before.inner_state)
+    params, state, _ = step(params, state, grads, loss)
+    skip = ref.step(tree_norm64(grads.values()), loss)["skip"]
+    assert int(state.inner_state.skipped) == skip, t
+    assert skip or t != 30
+  assert int(state.total_notfinite) == 3
+  assert int(state.inner_state.skip_count) == ref.skips
+  assert int(state.inner_state.nonfinite_count) == ref.nonfinite == 1
+
+
+def test_apply_if_finite_inside_skip_spikes():
+  run = make_run(40, seed=2, events={30: ("norm", 30.0)})
+  tx = optax_zclip.skip_spikes(
+      optax.apply_if_finite(
+          optax.chain(optax_zclip.zclip(**ZCLIP), optax.adamw(LR)), 2),
+      window=7, sigma=3.0)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=7, sigma=3.0)
+  for t, (grads, loss) in enumerate(run):
+    if t == 20:
+      before_params, before = params, state.inner_state
+      params, state, _ = step(params, state, _poison(grads), loss)
+      _assert_bit_identical(params, before_params)
+      # apply_if_finite's own counters did not move: the step never was.
+      _assert_bit_identical(state.inner_state, before)
+      ref.step(math.nan, loss)
+    params, state, _ = step(params, state, grads, loss)
+    skip = ref.step(tree_norm64(grads.values()), loss)["skip"]
+    assert int(state.skipped) == skip, t
+    assert skip or t != 30
+  assert int(state.skip_count) == ref.skips
+  assert int(state.nonfinite_count) == ref.nonfinite == 1
+
+
+def test_inject_hyperparams_changes_sigma_during_training():
+  run = make_run(50, seed=4, events={20: ("loss", 0.3), 40: ("loss", 0.3)})
+  tx = optax.inject_hyperparams(optax_zclip.skip_spikes,
+                                static_args=("window",))(
+      optax.chain(optax_zclip.zclip(**ZCLIP), optax.adamw(LR)),
+      window=7, sigma=1e3)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  ref = SkipSpikesRef(window=7, sigma=1e3)
+  for t, (grads, loss) in enumerate(run):
+    if t == 30:  # a tighter threshold from here on
+      state.hyperparams["sigma"] = jnp.asarray(3.0, jnp.float32)
+      ref.sigma = 3.0
+    params, state, _ = step(params, state, grads, loss)
+    want = ref.step(tree_norm64(grads.values()), loss)
+    assert int(state.inner_state.skipped) == want["skip"], t
+    if t in (20, 40):  # the same outlier, through at 20, skipped at 40
+      assert want["skip"] == (t == 40)
+  assert step._cache_size() == 1
+
+
+def test_window_must_be_static_under_inject_hyperparams():
+  inner = optax.sgd(1.0)
+  with pytest.raises(ValueError, match="static_args=\\('window',\\)"):
+    optax.inject_hyperparams(optax_zclip.skip_spikes)(
+        inner, window=8).init({"w": jnp.zeros(2)})
+
+
+class _MLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, rngs=rngs)
+    self.l2 = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.relu(self.l1(x)))
+
+
+def test_nnx_optimizer_update_passes_the_loss():
+  model = _MLP(nnx.Rngs(0))
+  tx = _skip_tx(8, 4.0)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit(donate_argnums=(0, 1))
+  def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+      return jnp.mean((model(x) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, value=loss)
+    return loss, grads, optax_zclip.stats(optimizer)
+
+  rng = np.random.default_rng(0)
+  ref = SkipSpikesRef(window=8, sigma=4.0)
+  for t in range(24):
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    y = np.sin(x.sum(axis=1, keepdims=True)).astype(np.float32)
+    if t == 15:
+      y = y * 40.0  # bad labels: a loss and gradient spike
+    loss, grads, s = train_step(model, optimizer, x, y)
+    want = ref.step(tree_norm64(jax.tree.leaves(grads)), float(loss))
+    assert int(s["skip/skipped"]) == want["skip"], t
+    np.testing.assert_allclose(s["skip/grad_norm"],
+                               tree_norm64(jax.tree.leaves(grads)),
+                               rtol=1e-5)
+    assert want["skip"] or t != 15
+  # ZClip saw only the kept steps.
+  assert int(s["zclip/count"]) == 24 - ref.skips
+  outside = optax_zclip.stats(nnx.state(optimizer))
+  assert set(outside) == set(s)
+
+
+# --------------------------------------------------------------------------
+# Telemetry, checkpoints, the compiled step.
+
+
+SKIP_KEYS = {"size", "skipped", "skip_count", "nonfinite_count", "grad_norm",
+             "loss_threshold", "norm_threshold"}
+
+
+def test_stats_report_the_skip_and_the_inner_zclip_telemetry():
+  run = make_run(20, seed=6, events={15: ("norm", 30.0)})
+  tx = _skip_tx(7, 3.0)
+  step = _step(tx)
+  params = _params()
+  state = tx.init(params)
+  for grads, loss in run:
+    params, state, _ = step(params, state, grads, loss)
+  s = jax.jit(optax_zclip.stats)(state)
+  zclip_keys = set(optax_zclip.stats(optax_zclip.zclip().init(None)))
+  assert set(s) == ({"skip/" + k for k in SKIP_KEYS}
+                    | {"zclip/" + k for k in zclip_keys})
+  assert int(s["skip/skip_count"]) == 1 and int(s["skip/skipped"]) == 0
+  assert int(s["zclip/count"]) == 19
+  np.testing.assert_allclose(s["skip/grad_norm"],
+                             tree_norm64(run[-1][0].values()), rtol=1e-5)
+  for k, v in s.items():
+    assert v.shape == () and v.dtype in (jnp.int32, jnp.float32), k
+  # Alone, the keys are not prefixed.
+  bare = optax_zclip.skip_spikes(optax.adamw(LR), window=4)
+  assert set(optax_zclip.stats(bare.init(params))) == SKIP_KEYS
+
+
+def test_no_two_leaves_of_a_fresh_or_updated_state_share_a_buffer():
+  tx = _skip_tx(4, 3.0)
+  params = _params()
+  for state in (tx.init(params),
+                tx.update(make_run(1, 0, {})[0][0], tx.init(params), params,
+                          value=1.0)[1]):
+    ptrs = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def test_orbax_restore_mid_window_continues_bit_identically(tmp_path):
+  window, sigma = 7, 3.0
+  run = make_run(40, seed=9, events={12: ("norm", 30.0), 24: ("loss", 3.0),
+                                     30: ("both", 20.0, 3.0)})
+  save_at = 17  # the buffer has wrapped; its oldest slot is mid-vector
+  tx = _skip_tx(window, sigma)
+
+  def train_step(params, state, grads, loss):
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  params = _params()
+  state = tx.init(params)
+  with ocp.StandardCheckpointer() as ckptr:
+    for t, (grads, loss) in enumerate(run):
+      if t == save_at:
+        ckptr.save(tmp_path / "ckpt", {"params": params, "state": state})
+        ckptr.wait_until_finished()  # the next step donates these buffers
+        assert int(state.size) == window and int(state.position) != 0
+      params, state = step(params, state, grads, loss)
+    uninterrupted = (params, state)
+    assert int(state.skip_count) >= 2
+    params = _params()
+    abstract = jax.eval_shape(lambda p: {"params": p, "state": tx.init(p)},
+                              params)
+    restored = ckptr.restore(tmp_path / "ckpt", abstract)
+  params, state = restored["params"], restored["state"]
+  assert isinstance(state, optax_zclip.SkipSpikesState)
+  skips_before = int(state.skip_count)
+  for grads, loss in run[save_at:]:
+    params, state = step(params, state, grads, loss)
+  _assert_bit_identical((params, state), uninterrupted)
+  assert int(state.skip_count) > skips_before  # skips after the restore
+
+
+def _compiled_text(tx):
+  params = {k: jnp.zeros(s) for k, s in HLO_SHAPES.items()}
+  state = tx.init(params)
+
+  def step(params, state, grads, loss):
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params, jnp.float32(1.0)).compile().as_text()
+
+
+HLO_SHAPES = {"a": (96, 160), "b": (224,), "c": (3, 40, 72)}
+
+
+def _reduced_shapes(text):
+  """The shape of the operand of every reduce in the compiled module."""
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+\[[\d,]*\])", text))
+  return [types[operand] for operand in
+          re.findall(r"= \S+ reduce\(%([\w.\-]+)", text)]
+
+
+def _gradient_reductions(text):
+  return sorted(s for s in _reduced_shapes(text)
+                if s in ("f32[96,160]", "f32[3,40,72]"))
+
+
+def _gradient_buffers(text):
+  """How many gradient-sized arrays the step's fusions write out."""
+  entry = text[text.index("\nENTRY"):]
+  return [len(re.findall(rf"= f32\[{','.join(map(str, s))}\]\S* fusion\(",
+                         entry)) for s in HLO_SHAPES.values()]
+
+
+@pytest.mark.parametrize("clip", [
+    optax_zclip.zclip, lambda: optax_zclip.clip_by_global_norm(1.0)],
+                         ids=["zclip", "clip_by_global_norm"])
+def test_the_norm_is_reduced_once_when_the_inner_clip_measures_it_too(clip):
+  alone = _gradient_reductions(_compiled_text(
+      optax.chain(clip(), optax.adamw(1e-3))))
+  assert alone == ["f32[3,40,72]", "f32[96,160]"]  # one read per leaf
+  # Wrapped, XLA merges skip_spikes' norm with the clip's (the same
+  # reduction of the same updates): still one per leaf.
+  wrapped_text = _compiled_text(optax_zclip.skip_spikes(
+      optax.chain(clip(), optax.adamw(1e-3))))
+  assert _gradient_reductions(wrapped_text) == alone
+  # The selects of a skip fuse into AdamW's passes: no array written more.
+  assert _gradient_buffers(wrapped_text) == _gradient_buffers(_compiled_text(
+      optax.chain(clip(), optax.adamw(1e-3))))
+  # The check sees a second read: a clip measuring scaled updates cannot
+  # share the norm.
+  apart = _gradient_reductions(_compiled_text(optax_zclip.skip_spikes(
+      optax.chain(optax.scale(2.0), clip(), optax.adamw(1e-3)))))
+  assert apart == sorted(alone * 2)
