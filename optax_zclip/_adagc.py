@@ -39,6 +39,10 @@ class AdaGCState(NamedTuple):
       step.
     nonfinite_count: int32 scalar, cumulative number of steps whose global
       norm was NaN or Inf; they leave ``count`` and ``gamma`` untouched.
+
+  References:
+    Wang et al., `AdaGC: Improving Training Stability for Large Language
+    Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
   """
 
   count: jax.Array

@@ -35,6 +35,10 @@ class AutoClipState(NamedTuple):
       (``inf`` before any finite norm).
     nonfinite_count: int32 scalar, cumulative number of steps whose norm was
       NaN or Inf; they are not recorded and pass through unclipped.
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
 
   count: jax.Array

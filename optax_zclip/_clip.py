@@ -33,6 +33,10 @@ class ClipByGlobalNormState(NamedTuple):
     clipped_count: int32, cumulative number of steps that were scaled down.
     nonfinite_count: int32, cumulative number of steps whose global norm was
       NaN or Inf; their updates passed through untouched.
+
+  References:
+    Pascanu et al., `On the difficulty of training recurrent neural
+    networks <https://arxiv.org/abs/1211.5063>`_, 2013.
   """
 
   count: jax.Array

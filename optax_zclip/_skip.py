@@ -50,6 +50,10 @@ class SkipSpikesState(NamedTuple):
     norm_threshold: float32 scalar, the same for the global norm.
     inner_state: the state of the wrapped transformation, exactly as it was
       after the last step that was not skipped.
+
+  References:
+    OLMo-core's ``SkipStepOptimizer``
+    (https://github.com/allenai/OLMo-core); see `skip_spikes`.
   """
 
   losses: jax.Array

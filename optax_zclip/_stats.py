@@ -65,6 +65,12 @@ def loggable_state(name: str, fields: tuple[str, ...],
     >>> s = optax_zclip.stats({"opt": MyClipState(jnp.array(1.5), 0.0)})
     >>> {k: float(v) for k, v in s.items()}
     {'grad_norm': 1.5}
+
+  References:
+    The fields follow what large JAX trainers log every step from their
+    optimizer state (the pre-clip norm, the threshold, whether the step was
+    clipped or skipped): Levanter (https://github.com/stanford-crfm/levanter)
+    and MaxText (https://github.com/AI-Hypercomputer/maxtext).
   """
   derived = dict(derived or {})
 

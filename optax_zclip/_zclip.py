@@ -58,6 +58,10 @@ class ZClipState(NamedTuple):
     restart_count: int32, cumulative number of times the statistics
       restarted their warm-up after ``max_consecutive_spikes`` spikes in a
       row (always 0 when it is None).
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025.
   """
 
   count: jax.Array
