@@ -38,7 +38,7 @@ class DemoConfig:
   """
 
   # Run.
-  steps: int = 300
+  steps: int = 250
   lr: float = 1e-2
   seed: int = 0
   seeds: int = 3  # runs seeds seed, seed + 1, ..., seed + seeds - 1
@@ -80,7 +80,7 @@ class DemoConfig:
   # fixed held-out probe batch of ``probe_size`` sequences measured every
   # step: unlike the training loss it has no batch-to-batch noise, so a
   # spike that builds up over a few steps stands out.
-  probe_size: int = 4
+  probe_size: int = 16
   spike_window: int = 50
   spike_sigma: float = 5.0
   # Evaluation and checkpoints.

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 COLORS = {"none": "tab:red", "zclip": "tab:blue", "adagc": "tab:green",
           "autoclip": "tab:purple", "zclip+skip": "tab:cyan"}
@@ -81,9 +82,10 @@ def plot_damage(runs: list[dict], path: pathlib.Path, title: str) -> None:
                   fontsize=8)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-  axes[1].bar([], [], color="gray", label="with bad batches")
-  axes[1].bar([], [], color="gray", alpha=0.3, label="clean (noise floor)")
-  axes[1].legend(fontsize=8)
+  axes[1].legend(handles=[
+      Patch(color="0.3", label="with bad batches"),
+      Patch(color="0.3", alpha=0.3, label="clean continuation (noise floor)")],
+                 fontsize=8)
   fig.suptitle(title + "\nbars: mean over seeds, error bars: std, dots: "
                "seeds", fontsize=9)
   fig.tight_layout()

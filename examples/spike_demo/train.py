@@ -164,7 +164,7 @@ def _flat_stats(s: dict) -> dict:
     return s
   flat = {k.removeprefix("zclip/"): v for k, v in s.items()
           if k.startswith("zclip/")}
-  flat["grad_norm"] = s["skip/grad_norm"]
+  flat["grad_norm"] = s.get("skip/grad_norm")
   flat["skipped"] = s["skip/skipped"]
   return flat
 
