@@ -304,7 +304,7 @@ class _Trainer:
 
 def save(mngr: ocp.CheckpointManager, step: int, model, optimizer) -> None:
   mngr.save(step, args=ocp.args.StandardSave(
-      _checkpoint_target(model, optimizer)), force=True)
+      _checkpoint_target(model, optimizer)))
   # The next step donates these buffers: the save must have read them
   # before then, so it is not left running in the background.
   mngr.wait_until_finished()
@@ -380,7 +380,9 @@ def run_seed(run: str, cfg: DemoConfig, corpus: Corpus, seed: int,
     rows = trainer.span(model, opt, start, branch_at, inject=False,
                         mngr=mngrs["clean"], rows=rows, rows_path=clean_path)
     branch = copy_of(model), copy_of(opt)
-    if keep:
+    # A resumed run that retrained the prefix finds the branch point saved
+    # already, and the same: the steps are deterministic.
+    if keep and mngrs["branch"].latest_step() != branch_at:
       save(mngrs["branch"], branch_at, model, opt)
   clean_rows = trainer.span(model, opt, max(start, branch_at), steps,
                             inject=False, mngr=mngrs["clean"], rows=rows,
