@@ -255,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
   if attention > MAX_ATTENTION_BYTES:
     p.error(f"--seq-len {a.seq_len} with --batch-size {a.batch_size} needs "
             f"{attention / 2**30:.0f} GiB for one layer's attention scores; "
-            f"the demo allows {MAX_ATTENTION_BYTES / 2**30:.0f}")
+            f"the demo allows {MAX_ATTENTION_BYTES / 2**30:.0f} GiB")
 
   fields = {f: getattr(a, f) for f in CLI_FIELDS if getattr(a, f) is not None}
   cfg = dataclasses.replace(d, methods=methods, clip_norms=clip_norms,
