@@ -4,8 +4,8 @@ The demo lives in the folder ``examples/spike_demo/`` (entry ``main.py``,
 ``train.py``, ``model.py``, ``data.py``, ``config.py``, ``plots.py``; see its
 README.md). This file only keeps the command short:
 
-  python examples/spike_demo.py            # defaults, ~5 minutes on 2 cores
-  python examples/spike_demo.py --steps 200 --methods zclip,clip --out runs/x
+  python examples/spike_demo.py            # defaults, ~6 minutes on 2 cores
+  python examples/spike_demo.py --seeds 1 --methods zclip,clip --out runs/x
 
 It puts that folder on ``sys.path`` (the demo's modules import each other by
 their plain names) and loads ``main.py`` by its path: a plain ``import`` could

@@ -1,13 +1,16 @@
-"""The demo's training loop: one method, with telemetry and Orbax checkpoints.
+"""The demo's training loop: one run and seed, clean and with bad batches.
 
-`run_method` trains the model of `model.py` on the batches of `data.py` with
+`run_seed` trains the model of `model.py` on the batches of `data.py` with
 ``optax.chain(<clipping>, adamw(schedule))`` under `train_step`, one
 `nnx.jit` step for every method, which donates model and optimizer and
 returns the losses and the clipping transform's telemetry
 (`optax_zclip.stats`); each row of the metrics is derived from that
-telemetry on the host. Every ``ckpt_every`` steps it saves model, optimizer
-state (the clipping state included) and the metrics so far, so that
-``resume=True`` continues exactly where a run stopped.
+telemetry on the host. From the first injected step on it trains two
+continuations of the same prefix: one on the clean batches, one with the
+outlier batches of `data.outlier_batch` at the injected steps. Every
+``ckpt_every`` steps each saves model, optimizer state (the clipping state
+included) and the metrics so far, so that ``resume=True`` continues exactly
+where a run stopped.
 """
 
 from __future__ import annotations
@@ -29,51 +32,81 @@ from flax import nnx
 import optax_zclip
 
 from config import DemoConfig
-from data import Corpus
+from data import Corpus, outlier_batch
 from model import Llama, LlamaConfig, next_token_loss
 
 
-def make_clipper(method: str, cfg: DemoConfig) -> optax.GradientTransformation:
-  """The clipping transform of ``method``, as the demo configures it."""
-  if method == "none":
+def make_clipper(run: str, cfg: DemoConfig) -> optax.GradientTransformation:
+  """The clipping transform of run ``run``, as the demo configures it."""
+  if run == "none":
     # Measures and logs the norm without clipping, so that the baseline
     # reports through the same telemetry as every other method.
     return optax_zclip.clip_by_global_norm(None)
-  if method == "clip":
-    return optax_zclip.clip_by_global_norm(cfg.clip_norm)
-  if method == "zclip":
+  if run.startswith("clip@"):
+    return optax_zclip.clip_by_global_norm(float(run.removeprefix("clip@")))
+  if run in ("zclip", "zclip+skip"):
     # The reference defaults, with its absolute cap off: the comparison is
     # adaptive against fixed clipping, not both together.
     return optax_zclip.zclip(alpha=cfg.zclip_alpha, z_thresh=cfg.zclip_z_thresh,
                              warmup_steps=cfg.zclip_warmup_steps,
                              max_grad_norm=None)
-  if method == "adagc":
+  if run == "adagc":
     return optax_zclip.adagc(warmup_steps=cfg.adagc_warmup_steps,
                              max_grad_norm=cfg.clip_norm)
-  if method == "autoclip":
+  if run == "autoclip":
     return optax_zclip.autoclip(percentile=cfg.autoclip_percentile)
-  raise ValueError(f"unknown method {method!r}")
+  raise ValueError(f"unknown run {run!r}")
 
 
 def lr_schedule(cfg: DemoConfig) -> optax.Schedule:
   """Linear warm-up to ``lr``, cosine decay to ``min_lr_ratio * lr``."""
-  warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+  warmup = cfg.lr_warmup_steps
   return optax.warmup_cosine_decay_schedule(
       0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
       cfg.min_lr_ratio * cfg.lr)
 
 
-def make_tx(method: str, cfg: DemoConfig) -> optax.GradientTransformation:
-  return optax.chain(
-      make_clipper(method, cfg),
-      optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
-                  weight_decay=cfg.weight_decay))
+_TX_CACHE: dict = {}
 
 
-def make_model(cfg: DemoConfig) -> Llama:
+def make_tx(run: str, cfg: DemoConfig) -> optax.GradientTransformation:
+  """``chain(<clipping>, adamw)``; ``zclip+skip`` wraps it in skip_spikes.
+
+  One object per ``(run, cfg)``: the transform is static in the optimizer's
+  graph, so reusing it lets every seed and branch of a run share one
+  compiled train step instead of compiling its own.
+  """
+  key = (run, cfg)
+  if key not in _TX_CACHE:
+    tx = optax.chain(
+        make_clipper(run, cfg),
+        optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
+                    weight_decay=cfg.weight_decay))
+    if run == "zclip+skip":
+      tx = optax_zclip.skip_spikes(tx, window=cfg.skip_window,
+                                   sigma=cfg.skip_sigma)
+    _TX_CACHE[key] = tx
+  return _TX_CACHE[key]
+
+
+def make_model(cfg: DemoConfig, seed: int | None = None) -> Llama:
+  """The model of ``seed`` (default ``cfg.seed``), freshly initialised."""
   return Llama(LlamaConfig(d_model=cfg.d_model, n_layers=cfg.n_layers,
                            n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim,
-                           max_len=cfg.seq_len), rngs=nnx.Rngs(cfg.seed))
+                           max_len=cfg.seq_len),
+               rngs=nnx.Rngs(cfg.seed if seed is None else seed))
+
+
+def copy_of(node: nnx.Module) -> nnx.Module:
+  """A copy of a model or optimizer that shares no buffer with it.
+
+  `nnx.clone` alone copies the variables but not their arrays, and the
+  train step donates (frees) the arrays it is given: a branch made that way
+  would delete the other's parameters.
+  """
+  graphdef, state = nnx.split(node)
+  state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+  return nnx.clone(nnx.merge(graphdef, state))
 
 
 # Model and optimizer are donated: their buffers are updated in place, as
@@ -82,18 +115,26 @@ def make_model(cfg: DemoConfig) -> Llama:
 # buffers), never from arrays taken out of them before the step.
 @nnx.jit(donate_argnums=(0, 1))
 def train_step(model: Llama, optimizer: nnx.Optimizer, batch: jax.Array,
-               probe: jax.Array) -> dict[str, Any]:
+               probe: jax.Array, loss_scale: jax.Array) -> dict[str, Any]:
   """One step of any method: ``{"loss", "probe_loss", "stats"}``.
 
-  ``probe_loss`` is the loss of the fixed held-out ``probe`` batch under the
-  parameters the step starts from, the same point as ``loss``. ``stats`` is
-  what the clipping transform logged (`optax_zclip.stats`): the gradient
-  norm is read from there, never measured again here (on XLA:CPU a second
-  norm of the gradients shares AdamW's squares and triples the step's cost).
+  The gradient is that of ``loss_scale`` times the loss; ``loss`` is the
+  unscaled one, comparable across scales. ``probe_loss`` is the loss of the
+  fixed held-out ``probe`` batch under the parameters the step starts from,
+  the same point as ``loss``. ``stats`` is what the clipping transform
+  logged (`optax_zclip.stats`): the gradient norm is read from there, never
+  measured again here (on XLA:CPU a second norm of the gradients shares
+  AdamW's squares and triples the step's cost). The scaled loss goes to the
+  optimizer as ``value`` (`optax_zclip.skip_spikes` tests it; the other
+  transforms ignore it).
   """
-  loss, grads = nnx.value_and_grad(next_token_loss)(model, batch)
+  def loss_fn(m):
+    loss = next_token_loss(m, batch)
+    return loss_scale * loss, loss
+
+  (scaled, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   probe_loss = next_token_loss(model, probe)
-  optimizer.update(model, grads)
+  optimizer.update(model, grads, value=scaled)
   return {"loss": loss, "probe_loss": probe_loss,
           "stats": optax_zclip.stats(optimizer)}
 
@@ -112,6 +153,22 @@ def _json_scalar(v: Any) -> Any:
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _flat_stats(s: dict) -> dict:
+  """One method's telemetry with flat keys.
+
+  `optax_zclip.skip_spikes` around ZClip reports ``skip/...`` and
+  ``zclip/...``: the norm before clipping is the skip test's, the rest
+  ZClip's, plus whether the step was ``skipped``.
+  """
+  if "skip/skipped" not in s:
+    return s
+  flat = {k.removeprefix("zclip/"): v for k, v in s.items()
+          if k.startswith("zclip/")}
+  flat["grad_norm"] = s.get("skip/grad_norm")
+  flat["skipped"] = s["skip/skipped"]
+  return flat
+
+
 def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
               before: dict) -> tuple[list[dict], dict]:
   """Host rows of consecutive steps' metrics, JSON-ready (NaN, Inf -> None).
@@ -121,7 +178,9 @@ def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
   transform has one global threshold (AdaGC has one per tensor, no clipping
   an infinite one), ``detected`` where it counts spikes (ZClip; the count
   went up during the step), ``tensors_clipped`` where it counts clipped
-  tensors (AdaGC).
+  tensors (AdaGC), ``skipped`` where steps can be skipped (zclip+skip; a
+  skipped step's ``clipped_norm`` is 0, since nothing reached AdamW, and
+  ZClip's statistics were left as they were).
 
   Args:
     metrics: `train_step` outputs of steps ``start, start + 1, ...``.
@@ -135,9 +194,10 @@ def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
     call).
   """
   host = jax.device_get(metrics)
+  before = _flat_stats(before)
   rows = []
   for i, m in enumerate(host):
-    s = m["stats"]
+    s = _flat_stats(m["stats"])
     row = {"step": start + i, "lr": float(lr(start + i)), "loss": m["loss"],
            "probe_loss": m["probe_loss"], "grad_norm": s["grad_norm"],
            "clipped_norm": s["clipped_norm"],
@@ -146,6 +206,10 @@ def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
       row["detected"] = bool(s["spike_count"] > before["spike_count"])
     if "num_clipped" in s:
       row["tensors_clipped"] = s["num_clipped"]
+    if "skipped" in s:
+      row["skipped"] = bool(s["skipped"])
+      if row["skipped"]:
+        row["clipped_norm"] = np.float32(0.0)
     row = {k: _json_scalar(v) for k, v in row.items()}
     row["clipped"] = bool(row["clipped_norm"] < row["grad_norm"] * (1 - 1e-6))
     rows.append(row)
@@ -153,84 +217,208 @@ def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
   return rows, before
 
 
-class RunResult(NamedTuple):
-  rows: list[dict]  # one per step
+class Track(NamedTuple):
+  """One continuation of a run: its rows (one per step) and held-out loss."""
+
+  rows: list[dict]
   eval_loss: float
-  steps_per_second: float
 
 
-def run_method(method: str, cfg: DemoConfig, corpus: Corpus,
-               run_dir: pathlib.Path, *, resume: bool = False,
-               progress: Any = None) -> RunResult:
-  """Trains one method; checkpoints to and resumes from ``run_dir``.
+class SeedResult(NamedTuple):
+  """One run and seed: the clean and the injected continuation.
 
-  ``progress`` is an optional tqdm-like bar advanced once per step.
+  Both share the rows before the first injection (trained once); each holds
+  every step's row from step 0.
   """
-  model = make_model(cfg)
-  optimizer = nnx.Optimizer(model, make_tx(method, cfg), wrt=nnx.Param)
-  rows_path = run_dir / "metrics.jsonl"
-  ckpt_dir = (run_dir / "checkpoints").absolute()
-  if not resume and run_dir.exists():
-    shutil.rmtree(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  mngr = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
+  clean: Track
+  injected: Track
+  timed_steps: int
+  timed_seconds: float
+
+
+class _Trainer:
+  """Trains spans of steps of one model and optimizer, with checkpoints."""
+
+  def __init__(self, cfg: DemoConfig, corpus: Corpus, seed: int,
+               probe: jax.Array, progress: Any):
+    self.cfg, self.corpus, self.seed = cfg, corpus, seed
+    self.probe, self.progress = probe, progress
+    self.schedule = lr_schedule(cfg)
+    self.scale = jnp.float32(cfg.loss_scale)
+    self.timed_steps, self.timed_seconds = 0, 0.0
+
+  def batch(self, step: int, inject: bool) -> jax.Array:
+    cfg = self.cfg
+    if inject and step in cfg.inject:
+      b = outlier_batch(cfg.inject_kind, step, cfg.batch_size, cfg.seq_len,
+                        self.corpus)
+    else:
+      b = self.corpus.batch(self.seed, step, cfg.batch_size, cfg.seq_len)
+    return jnp.asarray(b)
+
+  def span(self, model, optimizer, start: int, stop: int, *, inject: bool,
+           mngr: ocp.CheckpointManager | None, rows: list[dict],
+           rows_path: pathlib.Path) -> list[dict]:
+    """Steps ``[start, stop)``; returns ``rows`` with theirs appended.
+
+    Rows and a checkpoint are written every ``ckpt_every`` steps and at
+    ``stop``.
+    """
+    cfg = self.cfg
+    # The telemetry the first step starts from (the restored one on
+    # resume): the spike flag of a step is its spike count against the
+    # previous one.
+    before = jax.device_get(optax_zclip.stats(optimizer))
+    pending, pending_start, t0 = [], start, None
+    for step in range(start, stop):
+      pending.append(train_step(model, optimizer, self.batch(step, inject),
+                                self.probe, self.scale))
+      if t0 is None:  # time from after the first (maybe compiling) step
+        jax.block_until_ready(pending[-1])
+        t0, timed_from = time.perf_counter(), step + 1
+      done = step + 1
+      if self.progress is not None:
+        self.progress.update(1)
+        if done % 25 == 0 or done == stop:
+          last = jax.device_get(pending[-1])
+          self.progress.set_postfix(
+              seed=self.seed, branch="injected" if inject else "clean",
+              loss=f"{last['loss']:.3f}",
+              grad_norm=f"{_flat_stats(last['stats'])['grad_norm']:.2f}")
+      ckpt = mngr is not None and cfg.ckpt_every and done % cfg.ckpt_every == 0
+      if done == stop or ckpt:
+        new_rows, before = host_rows(pending, pending_start, self.schedule,
+                                     before)
+        rows = rows + new_rows
+        pending, pending_start = [], done
+        with open(rows_path, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in rows)
+        if mngr is not None and cfg.ckpt_every:
+          save(mngr, done, model, optimizer)
+    if t0 is not None:
+      self.timed_steps += stop - timed_from
+      self.timed_seconds += time.perf_counter() - t0
+    return rows
+
+
+def save(mngr: ocp.CheckpointManager, step: int, model, optimizer) -> None:
+  mngr.save(step, args=ocp.args.StandardSave(
+      _checkpoint_target(model, optimizer)))
+  # The next step donates these buffers: the save must have read them
+  # before then, so it is not left running in the background.
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, model, optimizer) -> None:
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(
+      _checkpoint_target(model, optimizer)))
+  nnx.update(model, restored["model"])
+  nnx.update(optimizer, restored["optimizer"])
+
+
+def read_rows(path: pathlib.Path, first: int, stop: int) -> list[dict]:
+  """The rows of steps ``[first, stop)`` saved in ``path``."""
+  with open(path) as f:
+    rows = [r for r in map(json.loads, f) if r["step"] < stop]
+  if [r["step"] for r in rows] != list(range(first, stop)):
+    raise RuntimeError(f"{path} does not hold the rows of steps {first} to "
+                       f"{stop - 1} that its checkpoint needs")
+  return rows
+
+
+def has_checkpoint(run_dir: pathlib.Path) -> bool:
+  """Whether ``run_dir`` (a run, or the whole output) holds a checkpoint."""
+  return any(p.name.isdigit() for p in run_dir.rglob("checkpoints/*"))
+
+
+def run_seed(run: str, cfg: DemoConfig, corpus: Corpus, seed: int,
+             seed_dir: pathlib.Path, *, resume: bool = False,
+             progress: Any = None) -> SeedResult:
+  """Trains one run and seed: a shared prefix, then two continuations.
+
+  Steps before the first injection are trained once; the model and
+  optimizer are then copied, and the copy continues on the clean batches
+  (the noise floor of damage and recovery) while the original continues
+  with the outlier batches at ``cfg.inject``. Each continuation checkpoints
+  to its own folder under ``seed_dir`` (``clean/``, ``injected/``); the
+  branch point is saved in ``branch/``, so that ``resume=True`` continues
+  either one exactly where it stopped. ``progress`` is an optional
+  tqdm-like bar advanced once per step.
+  """
+  branch_at, steps = cfg.inject[0], cfg.steps
+  if not resume and seed_dir.exists():
+    shutil.rmtree(seed_dir)
+  keep = cfg.ckpt_every > 0
+  mngrs = {}
+  for name in ("clean", "injected", "branch"):
+    (seed_dir / name).mkdir(parents=True, exist_ok=True)
+    mngrs[name] = ocp.CheckpointManager(
+        (seed_dir / name / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2 if keep else 1))
+  probe = jnp.asarray(corpus.eval_batches(cfg.probe_size, cfg.seq_len, 1)[0])
+  trainer = _Trainer(cfg, corpus, seed, probe, progress)
+  tx = make_tx(run, cfg)
+
+  def fresh():
+    model = make_model(cfg, seed)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  # The clean continuation, whose first steps are the shared prefix.
+  model, opt = fresh()
+  clean_path = seed_dir / "clean" / "metrics.jsonl"
   start, rows = 0, []
-  if resume and mngr.latest_step() is not None:
-    start = mngr.latest_step()
-    restored = mngr.restore(start, args=ocp.args.StandardRestore(
-        _checkpoint_target(model, optimizer)))
-    nnx.update(model, restored["model"])
-    nnx.update(optimizer, restored["optimizer"])
-    with open(rows_path) as f:
-      rows = [json.loads(line) for line in f][:start]
-    if len(rows) != start:
-      raise RuntimeError(f"{rows_path} has {len(rows)} rows, checkpoint is "
-                         f"at step {start}")
+  latest = mngrs["clean"].latest_step() if resume else None
+  if latest is not None:
+    start = latest
+    restore(mngrs["clean"], start, model, opt)
+    rows = read_rows(clean_path, 0, start)
   if progress is not None:
     progress.update(start)
+  branch = None
+  if start <= branch_at:
+    rows = trainer.span(model, opt, start, branch_at, inject=False,
+                        mngr=mngrs["clean"], rows=rows, rows_path=clean_path)
+    branch = copy_of(model), copy_of(opt)
+    # A resumed run that retrained the prefix finds the branch point saved
+    # already, and the same: the steps are deterministic.
+    if keep and mngrs["branch"].latest_step() != branch_at:
+      save(mngrs["branch"], branch_at, model, opt)
+  clean_rows = trainer.span(model, opt, max(start, branch_at), steps,
+                            inject=False, mngr=mngrs["clean"], rows=rows,
+                            rows_path=clean_path)
+  clean = Track(clean_rows, held_out_loss(model, cfg, corpus))
 
-  # The telemetry the first step starts from (the restored one on resume):
-  # the spike flag of a step is its spike count against the previous one.
-  before = jax.device_get(optax_zclip.stats(optimizer))
-  probe = jnp.asarray(corpus.eval_batches(cfg.probe_size, cfg.seq_len, 1)[0])
-  schedule = lr_schedule(cfg)
-  pending, pending_start = [], start
-  timed_from, t0 = None, None
-  for step in range(start, cfg.steps):
-    batch = jnp.asarray(corpus.batch(cfg.seed, step, cfg.batch_size,
-                                     cfg.seq_len))
-    pending.append(train_step(model, optimizer, batch, probe))
-    if timed_from is None:  # time from after the first (compiling) step
-      jax.block_until_ready(pending[-1])
-      timed_from, t0 = step + 1, time.perf_counter()
-    done = step + 1
-    if progress is not None:
-      progress.update(1)
-      if done % 25 == 0 or done == cfg.steps:
-        last = jax.device_get(pending[-1])
-        progress.set_postfix(loss=f"{last['loss']:.3f}",
-                             grad_norm=f"{last['stats']['grad_norm']:.2f}")
-    if done == cfg.steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
-      new_rows, before = host_rows(pending, pending_start, schedule, before)
-      rows += new_rows
-      pending, pending_start = [], done
-      with open(rows_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-      if cfg.ckpt_every:
-        mngr.save(done, args=ocp.args.StandardSave(
-            _checkpoint_target(model, optimizer)))
-        # The next step donates these buffers: the save must have read them
-        # before then, so it is not left running in the background.
-        mngr.wait_until_finished()
-  mngr.wait_until_finished()
-  mngr.close()
-  elapsed = (time.perf_counter() - t0) if t0 is not None else 0.0
-  timed = cfg.steps - (timed_from or cfg.steps)
-  sps = timed / elapsed if elapsed > 0 and timed > 0 else float("nan")
+  # The injected continuation, from the branch point or its checkpoint.
+  inj_path = seed_dir / "injected" / "metrics.jsonl"
+  latest = mngrs["injected"].latest_step() if resume else None
+  if latest is not None:
+    model, opt = fresh()
+    restore(mngrs["injected"], latest, model, opt)
+    start, rows = latest, read_rows(inj_path, branch_at, latest)
+  elif branch is not None:
+    model, opt = branch
+    start, rows = branch_at, []
+  else:  # resumed past the branch point: it was saved
+    model, opt = fresh()
+    restore(mngrs["branch"], branch_at, model, opt)
+    start, rows = branch_at, []
+  if progress is not None:
+    progress.update(start - branch_at)
+  rows = trainer.span(model, opt, start, steps, inject=True,
+                      mngr=mngrs["injected"], rows=rows, rows_path=inj_path)
+  injected = Track(clean_rows[:branch_at] + rows,
+                   held_out_loss(model, cfg, corpus))
+  for m in mngrs.values():
+    m.wait_until_finished()
+    m.close()
+  return SeedResult(clean, injected, trainer.timed_steps,
+                    trainer.timed_seconds)
 
-  losses = [float(eval_loss(model, jnp.asarray(b)))
-            for b in corpus.eval_batches(cfg.batch_size, cfg.seq_len,
-                                         cfg.eval_batches)]
-  return RunResult(rows, float(np.mean(losses)), sps)
+
+def held_out_loss(model, cfg: DemoConfig, corpus: Corpus) -> float:
+  """Mean loss over the ``eval_batches`` held-out batches."""
+  return float(np.mean([
+      float(eval_loss(model, jnp.asarray(b)))
+      for b in corpus.eval_batches(cfg.batch_size, cfg.seq_len,
+                                   cfg.eval_batches)]))
