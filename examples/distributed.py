@@ -35,7 +35,6 @@ if __name__ == "__main__":
   _pre.add_argument("--devices", type=int, default=8)
   jax.config.update("jax_num_cpu_devices", _pre.parse_known_args()[0].devices)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -111,7 +110,7 @@ def run_jit(mode, model, lr, xs, ys, mesh):
       nnx.update(obj, jax.device_put(state, jax.tree.map(layout, state)))
     batch_sharding = NamedSharding(mesh, P("data"))
   losses, metrics = [], []
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     if batch_sharding is not None:
       x, y = jax.device_put((x, y), batch_sharding)
     loss, s = train_step(model, optimizer, x, y)
@@ -160,7 +159,7 @@ def run_shard_map(model, lr, xs, ys, mesh):
       in_specs=(sliced, opt_specs, P("data"), P("data")),
       out_specs=(sliced, opt_specs, P(), P())))
   losses, metrics = [], []
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
     params, opt_state, loss, s = step(params, opt_state, x, y)
     losses.append(loss)

@@ -1,4 +1,4 @@
-"""A fixed global-norm threshold with this package's guarantees and telemetry."""
+"""A fixed threshold, with the guarantees and telemetry of the rest."""
 
 from __future__ import annotations
 

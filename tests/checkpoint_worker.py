@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from references import SEQ, SHAPES
 
 import optax_zclip
-from references import SEQ, SHAPES
 
 # One leaf in bf16, to check that checkpoints keep low-precision dtypes.
 DTYPES = {"w1": jnp.float32, "b1": jnp.bfloat16, "w2": jnp.float32}

@@ -19,9 +19,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from references import make_sequence
 
 import optax_zclip
-from references import make_sequence
 
 SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 SEQ = make_sequence(steps=55, seed=5, shapes=SHAPES)  # spikes at 6, 31, 50

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from references import SEQ, AutoClipRef, run_without_host_transfer, tree_norm64
 
 import optax_zclip
-from references import (SEQ, AutoClipRef, run_without_host_transfer,
-                        tree_norm64)
 
 CONFIGS = [(10.0, 1024), (10.0, 7), (50.0, 5), (90.0, 16), (0.0, 8),
            (100.0, 3), (37.5, 1)]
@@ -44,7 +43,7 @@ def test_hand_worked_percentiles():
   tx = optax_zclip.autoclip(percentile=25.0, window=3)
   state = tx.init(None)
   expected = [(4.0, 4.0), (1.0, 1.75), (2.0, 2.0), (1.5, 1.5)]
-  for g, (out_norm, thr) in zip([4.0, 1.0, 3.0, 2.0], expected):
+  for g, (out_norm, thr) in zip([4.0, 1.0, 3.0, 2.0], expected, strict=True):
     out, state = tx.update(jnp.array([g]), state)
     np.testing.assert_allclose(out, [out_norm], rtol=1e-6)
     np.testing.assert_allclose(state.threshold, thr, rtol=1e-6)
@@ -99,7 +98,7 @@ def test_inject_hyperparams_with_static_window_and_no_host_transfer():
   state.hyperparams["percentile"] = jnp.asarray(60.0)
   ref = AutoClipRef(percentile=60.0, window=6)
   outs, _ = run_without_host_transfer(tx.update, state, SEQ)
-  for grads, out in zip(SEQ, outs):
+  for grads, out in zip(SEQ, outs, strict=True):
     scale, _ = ref.step(tree_norm64(grads.values()))
     np.testing.assert_allclose(tree_norm64(out.values()),
                                tree_norm64(grads.values()) * scale, rtol=1e-5)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from references import SEQ, run_without_host_transfer, tree_norm64
 
 import optax_zclip
-from references import SEQ, run_without_host_transfer, tree_norm64
 
 
 def _clip64(grads, max_norm):

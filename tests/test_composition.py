@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from references import SEQ, AdaGCRef, AutoClipRef, ZClipRef, tree_norm64
 
 import optax_zclip
-from references import SEQ, AdaGCRef, AutoClipRef, ZClipRef, tree_norm64
 
 LR = 0.1
 KEYS = sorted(SEQ[0])  # the order of jax.tree.leaves on these dicts

@@ -14,10 +14,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-import optax_zclip
 from multihost_worker import CFG, SEQ
 from references import ZClipRef, tree_norm64
+
+import optax_zclip
 
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT_S = 300
@@ -72,8 +72,8 @@ def _single_device_run():
 @pytest.mark.parametrize("run", ["jit", "shard_map"])
 def test_two_hosts_make_the_single_device_decisions(records, run):
   ref = ZClipRef(**CFG)
-  for t, (grads, (out1, state1)) in enumerate(zip(SEQ,
-                                                   _single_device_run())):
+  for t, (grads, (out1, state1)) in enumerate(
+      zip(SEQ, _single_device_run(), strict=True)):
     scale = ref.step(tree_norm64(grads.values()))["scale"]
     for rec in records:  # both processes
       for k in grads:

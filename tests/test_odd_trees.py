@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import AdaGCRef, AutoClipRef, ZClipRef
 
 import optax_zclip
-from references import AdaGCRef, AutoClipRef, ZClipRef
 
 
 @jax.tree_util.register_pytree_node_class

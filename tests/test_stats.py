@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from references import SEQ, ZClipRef, tree_norm64
 
 import optax_zclip
-from references import SEQ, ZClipRef, tree_norm64
 
 KEYS = {"count", "mean", "var", "std", "grad_norm", "clipped_norm", "z_score",
         "threshold", "spike_count", "nonfinite_count", "restart_count"}

@@ -1,4 +1,4 @@
-"""Step-by-step parity of `zclip` with a float64 transcription of the reference."""
+"""Step-by-step parity of `zclip` with a float64 copy of the reference rule."""
 
 import itertools
 
@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import SEQ, ZClipRef, tree_norm64
 
 import optax_zclip
-from references import SEQ, ZClipRef, tree_norm64
 
 MODES = [("zscore", "adaptive_scaling"), ("zscore", "mean"),
          ("zscore", "max"), ("percentile", "adaptive_scaling")]

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import ZClipRef
 
 import optax_zclip
-from references import ZClipRef
 
 
 def _scan(tx, norms):

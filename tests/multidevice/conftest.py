@@ -1,6 +1,7 @@
 """Runs this folder with 8 simulated CPU devices (see ../test_multidevice.py).
 
-Run it alone with ``OPTAX_ZCLIP_MULTIDEVICE=1 python -m pytest tests/multidevice``.
+Run it alone with
+``OPTAX_ZCLIP_MULTIDEVICE=1 python -m pytest tests/multidevice``.
 """
 
 import os

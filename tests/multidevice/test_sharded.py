@@ -14,9 +14,9 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from references import ZClipRef, make_sequence, tree_norm64
 
 import optax_zclip
-from references import ZClipRef, make_sequence, tree_norm64
 
 SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 # 60 steps: a spike in warm-up (step 6), then spikes at 31, 32 and 50.
@@ -63,14 +63,15 @@ def assert_same_run(rows, case):
   factory, cfg = CASES[case]
   ref = ZClipRef(**cfg) if factory is optax_zclip.zclip else None
   for t, (grads, (out, state), (out1, state1)) in enumerate(
-      zip(SEQ, rows, single)):
+      zip(SEQ, rows, single, strict=True)):
     for k in grads:
       np.testing.assert_allclose(out[k], out1[k], rtol=1e-4, atol=1e-8,
                                  err_msg=f"step {t} leaf {k}")
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
-                            jax.tree.leaves(state1)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7,
-                                 err_msg=f"step {t} {jax.tree_util.keystr(path)}")
+                            jax.tree.leaves(state1), strict=True):
+      np.testing.assert_allclose(
+          a, b, rtol=1e-4, atol=1e-7,
+          err_msg=f"step {t} {jax.tree_util.keystr(path)}")
     if ref is not None:
       scale = ref.step(tree_norm64(grads.values()))["scale"]
       for k in grads:
