@@ -127,7 +127,7 @@ def measure(size: Size, names: list[str], rounds: int, iters: int,
 
   The compile time of a step is the median over ``compile_reps`` alternating
   repetitions of tracing, lowering and compiling it (``step.lower(...)
-  .compile()``, which XLA does not cache), so that it is measured under the
+  .compile()`` after `jax.clear_caches`), so that it is measured under the
   same load for every variant.
   """
   rng = np.random.default_rng(0)
@@ -139,6 +139,9 @@ def measure(size: Size, names: list[str], rounds: int, iters: int,
   for r in range(compile_reps):
     for name in names[r % len(names):] + names[:r % len(names)]:
       model, optimizer, step = runs[name]
+      # JAX caches traces and executables in memory: start from nothing,
+      # as a new training run does.
+      jax.clear_caches()
       t0 = time.perf_counter()
       step.lower(model, optimizer, batch).compile()
       compile_times[name].append(time.perf_counter() - t0)
