@@ -19,9 +19,9 @@ in-place multiply; JAX multiplies by 1 inside AdamW's pass, as on any step).
 torch and zclip are not dependencies of this package; install them apart,
 for instance in a virtual environment of their own::
 
-  python -m venv /tmp/torchvenv
-  /tmp/torchvenv/bin/pip install torch==2.13.0 zclip==1.0.0 -e .
-  /tmp/torchvenv/bin/python benchmarks/vs_pytorch.py --size 23m
+  # in a virtual environment of its own, activated (not your JAX one)
+  pip install torch==2.13.0 zclip==1.0.0 -e .
+  python benchmarks/vs_pytorch.py --size 23m
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import optax_zclip
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 # Both runtimes share the cores in one process, taking turns. OpenMP threads
 # spin after each torch call by default and starve XLA's, and the other way
-# round (torch AdamW measured 2.6 to 9 times slower and 50 times noisier so);
+# round (torch measured 3 to 9 times slower, and far noisier, that way);
 # set before torch is imported, so that idle threads sleep.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -3,9 +3,9 @@
 Skipped unless both ``torch`` and ``zclip`` import; neither is a dependency
 of this package or of CI. To run it, in a virtual environment of its own::
 
-  python -m venv /tmp/torchvenv
-  /tmp/torchvenv/bin/pip install torch==2.13.0 zclip==1.0.0 pytest -e .
-  /tmp/torchvenv/bin/python -m pytest tests/test_torch_parity.py
+  # in a virtual environment of its own, activated (not your JAX one)
+  pip install torch==2.13.0 zclip==1.0.0 pytest -e .
+  python -m pytest tests/test_torch_parity.py
 
 The same stream of gradients, with injected spikes, goes through the
 reference ``ZClip.step`` (on a module holding those gradients) and through
