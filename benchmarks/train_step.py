@@ -11,11 +11,11 @@ log them. The variants run in alternating rounds (the order rotates every
 round) so that the machine's drift cancels; each round yields the overhead
 of every variant over bare AdamW in percent of the whole step. The table
 reports its median over rounds with min and max, the median time per step
-and the compile time of each step (trace, lower and compile, median of a
-few alternating repetitions).
+and the compile time of each step (trace, lower and compile from empty
+caches, median of a few alternating repetitions).
 
-  python benchmarks/train_step.py                         # demo and 23M sizes
-  python benchmarks/train_step.py --sizes 23m --rounds 16
+  python benchmarks/train_step.py                  # demo and 23M sizes
+  python benchmarks/train_step.py --sizes 23m,demo --rounds 20 --iters 1
   python benchmarks/train_step.py --sizes demo --variants adamw,zclip+adamw
 """
 
@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
   unknown += [s for s in sizes if s not in SIZES]
   if unknown:
     p.error(f"unknown variants or sizes: {unknown}")
+  if min(args.rounds, args.iters, args.compile_reps) < 1:
+    p.error("--rounds, --iters and --compile-reps must be >= 1")
   if BARE not in names:
     names.insert(0, BARE)
 
