@@ -11,10 +11,10 @@ float32 norm and a scalar factor folded into AdamW, the floor of any clipping
 by a global norm). The table reports the median ratio over rounds with its
 min and max, the median time per step and the compile time.
 
-  python benchmarks/step_overhead.py                     # ~16M params, 32 leaves
-  python benchmarks/step_overhead.py --tree llama        # LLaMA-shaped tree
-  python benchmarks/step_overhead.py --dtype bfloat16    # bf16 params and grads
-  python benchmarks/step_overhead.py --devices 8         # sharded jit, 8 CPU devices
+  python benchmarks/step_overhead.py                   # 16M params, 32 leaves
+  python benchmarks/step_overhead.py --tree llama      # LLaMA-shaped tree
+  python benchmarks/step_overhead.py --dtype bfloat16  # bf16 params, grads
+  python benchmarks/step_overhead.py --devices 8       # sharded jit, 8 devices
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_zclip  # noqa: E402
-
 
 VARIANTS = {
     "adamw": lambda: optax.adamw(1e-4),
@@ -149,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         runs[name][1:] = [params, state]
 
   def ratio(name, base):
-    rs = [a / b for a, b in zip(per_step[name], per_step[base])]
+    rs = [a / b for a, b in zip(per_step[name], per_step[base],
+                                    strict=True)]
     return statistics.median(rs), min(rs), max(rs)
 
   dev = jax.devices()[0]

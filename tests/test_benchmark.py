@@ -1,8 +1,7 @@
-"""benchmarks/step_overhead.py: a tiny run of it."""
+"""benchmarks/step_overhead.py and train_step.py: a tiny run of each."""
 
 import pathlib
 import sys
-
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
                        "benchmarks"))
@@ -25,3 +24,25 @@ def test_tiny_run_prints_every_variant(capsys):
       med, lo, hi = map(float, cell.replace("[", "").replace("]", "")
                         .replace(",", "").split())
       assert 0 < lo <= med <= hi
+
+
+def test_train_step_tiny_run(capsys):
+  import train_step  # noqa: PLC0415 (imports flax and the demo's model)
+
+  # Bare AdamW, a chain and skip_spikes (which passes value=loss): each
+  # variant compiles twice, so all seven would take too long for a test.
+  variants = ["adamw", "zclip+adamw", "skip_spikes(zclip+adamw)"]
+  train_step.main(["--sizes", "tiny", "--rounds", "1", "--iters", "1",
+                   "--compile-reps", "1", "--variants", ",".join(variants)])
+  out = capsys.readouterr().out
+  rows = [line for line in out.splitlines() if line.startswith("| ")]
+  names = [r.split("|")[1].strip() for r in rows[1:]]
+  assert names == variants
+  for r in rows[1:]:
+    cells = [c.strip() for c in r.strip("|").split("|")]
+    assert len(cells) == 4 and float(cells[1]) > 0 and float(cells[3]) > 0
+    # "median [min, max]" of the per-round overheads, in percent.
+    med, lo, hi = map(float, cells[2].replace("[", "").replace("]", "")
+                      .replace(",", "").split())
+    assert lo <= med <= hi
+  assert rows[1].split("|")[1].strip() == train_step.BARE
