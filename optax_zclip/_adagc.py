@@ -218,8 +218,10 @@ def adagc(
     # code.
     ref = jnp.where(jnp.isfinite(gamma), gamma, norms)
     limit = lam * ref
+    # norms > limit >= 0 implies norms > 0: `clip` is exactly where
+    # clip_scale scales (a finite norm above its limit).
     clip = observed & (norms > limit)
-    h = jnp.where(clip, limit / jnp.where(clip, norms + e, 1.0), 1.0)
+    h = _numerics.clip_scale(norms, limit, e)
     # The EMA takes min(n, limit) itself, not h * n = limit * n / (n + eps),
     # which is smaller, by a lot for a tensor whose norm is near eps.
     fed = jnp.where(clip, limit, norms)

@@ -307,9 +307,11 @@ def zclip(
     # square overflows. The statistics saturate there instead of becoming
     # inf: an inf var would turn the next warm-up update into inf - inf =
     # NaN, and would never decay afterwards.
-    sat = lambda v: jnp.minimum(v, _numerics.F32_MAX)  # noqa: E731
-    new_mean = jnp.where(keep, mean, sat(jnp.where(warm, w_mean, e_mean)))
-    new_var = jnp.where(keep, var, sat(jnp.where(warm, w_var, e_var)))
+    top = _numerics.F32_MAX
+    new_mean = jnp.where(keep, mean,
+                         jnp.minimum(jnp.where(warm, w_mean, e_mean), top))
+    new_var = jnp.where(keep, var,
+                        jnp.minimum(jnp.where(warm, w_var, e_var), top))
 
     count = _numerics.increment_where(finite, state.count)
     in_a_row = jnp.where(

@@ -334,3 +334,20 @@ def run_without_host_transfer(update, state, seq):
 
 # The default sequence: warm-up, drift, and six spikes (two back to back).
 SEQ = make_sequence()
+
+
+def assert_same_step(t, out, out1, state, state1):
+  """Step ``t`` of a multi-device run equals the one-device run's.
+
+  The updates ``out`` and every leaf of ``state`` against ``out1`` and
+  ``state1``, to 1e-4 relative: the devices sum the squares in another
+  order, nothing more.
+  """
+  for k in out:
+    np.testing.assert_allclose(out[k], out1[k], rtol=1e-4, atol=1e-8,
+                               err_msg=f"step {t} leaf {k}")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                          jax.tree.leaves(state1), strict=True):
+    np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-7,
+        err_msg=f"step {t} {jax.tree_util.keystr(path)}")

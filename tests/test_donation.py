@@ -29,37 +29,21 @@ from flax import nnx
 from references import tree_norm64
 from transforms import (
   FACTORIES,
+  SPIKE,
   TRANSFORMS,
   chain_state,
   counted_steps,
   grad_norm,
+  grads_at,
+  loss_at,
+  params0,
   reference,
   with_adamw,
 )
 
 import optax_zclip
 
-# A bf16 leaf among float32 ones, as mixed-precision models have.
-SHAPES = {"w": (16, 8), "b": (8,), "emb": (4, 16)}
-DTYPES = {"w": jnp.float32, "b": jnp.float32, "emb": jnp.bfloat16}
 STEPS = 14
-SPIKE = 9  # a gradient 20x the others, after every warm-up
-
-
-def _params():
-  return {k: jnp.full(s, 0.1, DTYPES[k]) for k, s in SHAPES.items()}
-
-
-def _grads(t):
-  rng = np.random.default_rng(t)
-  scale = 20.0 if t == SPIKE else 1.0
-  return {k: jnp.asarray(rng.standard_normal(s) * 0.05 * scale, DTYPES[k])
-          for k, s in SHAPES.items()}
-
-
-def _loss(t):
-  """The loss passed as ``value=`` (which only `skip_spikes` reads)."""
-  return np.float32(2.0 - 0.01 * t + 0.02 * np.sin(t) + 3.0 * (t == SPIKE))
 
 
 def _buffers(tree):
@@ -92,13 +76,13 @@ def test_the_catalog_covers_every_public_transform():
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_no_two_leaves_of_a_state_share_a_buffer(name):
   tx = with_adamw(name)
-  params = _params()
+  params = params0()
   eager = tx.init(params)
   _assert_own_buffers(eager, "init")
   _assert_own_buffers(jax.jit(tx.init)(params), "jitted init")
-  _, state = tx.update(_grads(0), eager, params, value=_loss(0))
+  _, state = tx.update(grads_at(0), eager, params, value=loss_at(0))
   _assert_own_buffers(state, "update")
-  _, state = jax.jit(tx.update)(_grads(1), state, params, value=_loss(1))
+  _, state = jax.jit(tx.update)(grads_at(1), state, params, value=loss_at(1))
   _assert_own_buffers(state, "jitted update")
 
 
@@ -115,10 +99,10 @@ def _make_step(tx, traces):
 def _undonated_run(name):
   tx = with_adamw(name)
   step = jax.jit(lambda p, s, g, x: _apply(tx, p, s, g, x))
-  params = _params()
+  params = params0()
   state = tx.init(params)
   for t in range(STEPS):
-    params, state = step(params, state, _grads(t), _loss(t))
+    params, state = step(params, state, grads_at(t), loss_at(t))
   return params, state
 
 
@@ -141,14 +125,14 @@ def test_jax_jit_with_params_and_state_donated(name):
   tx = with_adamw(name)
   traces = []
   step = _make_step(tx, traces)
-  params = _params()
+  params = params0()
   state = tx.init(params)  # a fresh state, donated on the very first step
   ref = reference(name)
   for t in range(STEPS):
     # AdamW's moments and the params: gradient-sized, updated in place.
     old = jax.tree.leaves((params, chain_state(name, state)[1]))
-    grads = _grads(t)
-    params, state, logged = step(params, state, grads, _loss(t))
+    grads = grads_at(t)
+    params, state, logged = step(params, state, grads, loss_at(t))
     # Donated means consumed: the old buffers are gone. (Telemetry fields
     # that the next update does not read are not inputs of the compiled
     # step, so JAX leaves them alone.)
@@ -156,7 +140,7 @@ def test_jax_jit_with_params_and_state_donated(name):
     norm64 = tree_norm64(jax.tree.leaves(grads))
     np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
     if ref is not None:
-      skip = ref.step(norm64, float(_loss(t)))["skip"]
+      skip = ref.step(norm64, float(loss_at(t)))["skip"]
       assert int(logged["skip/skipped"]) == skip, t
       assert skip or t != SPIKE
   assert len(traces) == 1 and step._cache_size() == 1

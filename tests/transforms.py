@@ -12,6 +12,8 @@ and the telemetry in either case.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 from references import SkipSpikesRef
 
@@ -67,3 +69,29 @@ def grad_norm(name: str, logged):
 def counted_steps(name: str, logged):
   """The transform's ``count`` from ``stats()``: the steps it saw."""
   return logged["zclip/count" if name in WRAPPERS else "count"]
+
+
+# A small training run shared by the donation tests (one device and 8): a
+# bf16 leaf among float32 ones, as mixed-precision models have, and at
+# SPIKE, after every warm-up, a gradient 20x the others and a loss jump.
+SHAPES = {"w": (16, 8), "b": (8,), "emb": (4, 16)}
+DTYPES = {"w": jnp.float32, "b": jnp.float32, "emb": jnp.bfloat16}
+SPIKE = 9
+
+
+def params0():
+  """The run's initial parameters."""
+  return {k: jnp.full(s, 0.1, DTYPES[k]) for k, s in SHAPES.items()}
+
+
+def grads_at(t):
+  """The gradients of step ``t``."""
+  rng = np.random.default_rng(t)
+  scale = 20.0 if t == SPIKE else 1.0
+  return {k: jnp.asarray(rng.standard_normal(s) * 0.05 * scale, DTYPES[k])
+          for k, s in SHAPES.items()}
+
+
+def loss_at(t):
+  """The loss passed as ``value=`` at step ``t`` (`skip_spikes` reads it)."""
+  return np.float32(2.0 - 0.01 * t + 0.02 * np.sin(t) + 3.0 * (t == SPIKE))

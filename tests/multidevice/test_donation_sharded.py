@@ -11,33 +11,29 @@ ends.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from references import tree_norm64
-from transforms import TRANSFORMS, chain_state, grad_norm, reference, with_adamw
+from transforms import (
+  SHAPES,
+  SPIKE,
+  TRANSFORMS,
+  chain_state,
+  grad_norm,
+  grads_at,
+  loss_at,
+  params0,
+  reference,
+  with_adamw,
+)
 
 import optax_zclip
 
-SHAPES = {"w": (16, 8), "b": (8,), "emb": (4, 16)}
-DTYPES = {"w": jnp.float32, "b": jnp.float32, "emb": jnp.bfloat16}
 SPECS = {"w": P("fsdp"), "b": P("fsdp"), "emb": P(None, "fsdp")}
-STEPS, SPIKE = 12, 9
-
-
-def _grads(t):
-  rng = np.random.default_rng(t)
-  scale = 20.0 if t == SPIKE else 1.0
-  return {k: jnp.asarray(rng.standard_normal(s) * 0.05 * scale, DTYPES[k])
-          for k, s in SHAPES.items()}
-
-
-def _loss(t):
-  """The loss passed as ``value=`` (which only `skip_spikes` reads)."""
-  return np.float32(2.0 - 0.01 * t + 0.02 * np.sin(t) + 3.0 * (t == SPIKE))
+STEPS = 12
 
 
 def _run(name, shardings, init="jit"):
@@ -51,7 +47,7 @@ def _run(name, shardings, init="jit"):
             optax_zclip.stats(opt_state))
 
   step = jax.jit(step, donate_argnums=(0, 1))
-  params = {k: jnp.full(s, 0.1, DTYPES[k]) for k, s in SHAPES.items()}
+  params = params0()
   if shardings is not None:
     params = jax.device_put(params, shardings)
   if shardings is not None and init == "jit":
@@ -73,16 +69,16 @@ def _run(name, shardings, init="jit"):
     state = tx.init(params)
   ref = reference(name)
   for t in range(STEPS):
-    grads = _grads(t)
+    grads = grads_at(t)
     if shardings is not None:
       grads = jax.device_put(grads, shardings)
     old = jax.tree.leaves((params, chain_state(name, state)[1]))
-    params, state, logged = step(params, state, grads, _loss(t))
+    params, state, logged = step(params, state, grads, loss_at(t))
     assert all(x.is_deleted() for x in old)
     norm64 = tree_norm64(jax.tree.leaves(grads))
     np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
     if ref is not None:
-      skip = ref.step(norm64, float(_loss(t)))["skip"]
+      skip = ref.step(norm64, float(loss_at(t)))["skip"]
       assert int(logged["skip/skipped"]) == skip, t
       assert skip or t != SPIKE
   assert len(traces) == (1 if init == "jit" or shardings is None else 2)

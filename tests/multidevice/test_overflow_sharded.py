@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from references import make_sequence, tree_norm64
+from references import assert_same_step, make_sequence, tree_norm64
 
 import optax_zclip
 
@@ -155,14 +155,7 @@ def test_overflow_on_8_devices_equals_one_device(case, run):
   rows = RUNS[run](case)
   for t, (grads, (out, state), (out1, state1)) in enumerate(
       zip(SEQ, rows, single, strict=True)):
-    for k in grads:
-      np.testing.assert_allclose(out[k], out1[k], rtol=1e-4, atol=1e-8,
-                                 err_msg=f"step {t} leaf {k}")
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
-                            jax.tree.leaves(state1), strict=True):
-      np.testing.assert_allclose(
-          a, b, rtol=1e-4, atol=1e-7,
-          err_msg=f"step {t} {jax.tree_util.keystr(path)}")
+    assert_same_step(t, out, out1, state, state1)
     g = float(state1.grad_norm)
     if t == NAN_AT:
       assert math.isnan(g)

@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from references import ZClipRef, make_sequence, tree_norm64
+from references import ZClipRef, assert_same_step, make_sequence, tree_norm64
 
 import optax_zclip
 
@@ -64,14 +64,7 @@ def assert_same_run(rows, case):
   ref = ZClipRef(**cfg) if factory is optax_zclip.zclip else None
   for t, (grads, (out, state), (out1, state1)) in enumerate(
       zip(SEQ, rows, single, strict=True)):
-    for k in grads:
-      np.testing.assert_allclose(out[k], out1[k], rtol=1e-4, atol=1e-8,
-                                 err_msg=f"step {t} leaf {k}")
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
-                            jax.tree.leaves(state1), strict=True):
-      np.testing.assert_allclose(
-          a, b, rtol=1e-4, atol=1e-7,
-          err_msg=f"step {t} {jax.tree_util.keystr(path)}")
+    assert_same_step(t, out, out1, state, state1)
     if ref is not None:
       scale = ref.step(tree_norm64(grads.values()))["scale"]
       for k in grads:

@@ -16,7 +16,12 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from references import SkipSpikesRef, make_sequence, tree_norm64
+from references import (
+  SkipSpikesRef,
+  assert_same_step,
+  make_sequence,
+  tree_norm64,
+)
 
 import optax_zclip
 
@@ -80,14 +85,7 @@ def assert_same_run(rows):
       zip(rows, single_device_run(), strict=True)):
     skip = ref.step(tree_norm64(SEQ[t].values()), LOSSES[t])["skip"]
     assert int(state.skipped) == int(state1.skipped) == skip, t
-    for k in out:
-      np.testing.assert_allclose(out[k], out1[k], rtol=1e-4, atol=1e-8,
-                                 err_msg=f"step {t} leaf {k}")
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0],
-                            jax.tree.leaves(state1), strict=True):
-      np.testing.assert_allclose(
-          a, b, rtol=1e-4, atol=1e-7,
-          err_msg=f"step {t} {jax.tree_util.keystr(path)}")
+    assert_same_step(t, out, out1, state, state1)
   # Norm, loss and non-finite skips all happened; the early spike did not.
   assert ref.nonfinite == 2 and ref.skips >= 5
   assert not rows[6][1].skipped and rows[31][1].skipped
