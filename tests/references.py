@@ -351,3 +351,20 @@ def assert_same_step(t, out, out1, state, state1):
     np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=1e-7,
         err_msg=f"step {t} {jax.tree_util.keystr(path)}")
+
+
+def to_host(tree):
+  """Every leaf of ``tree`` as a NumPy array."""
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def one_device_run(tx, seq):
+  """``(updates, state)`` on the host after each step of ``seq``, jitted on
+  one device: what the multi-device runs must equal."""
+  step = jax.jit(tx.update)
+  state = tx.init(seq[0])
+  rows = []
+  for grads in seq:
+    out, state = step(grads, state)
+    rows.append(to_host((out, state)))
+  return rows

@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from references import assert_same_step, make_sequence, tree_norm64
+from references import (
+  assert_same_step,
+  make_sequence,
+  one_device_run,
+  to_host,
+  tree_norm64,
+)
 
 import optax_zclip
 
@@ -80,19 +86,9 @@ def test_the_sequence_overflows_where_it_says():
     assert sum(local_sq(both, d, keys) for d in range(8)) > F32_MAX
 
 
-def _to_host(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
 
 def _single_device_run(case):
-  tx = CASES[case]()
-  step = jax.jit(tx.update)
-  state = tx.init(SEQ[0])
-  rows = []
-  for grads in SEQ:
-    out, state = step(grads, state)
-    rows.append(_to_host((out, state)))
-  return rows
+  return one_device_run(CASES[case](), SEQ)
 
 
 def _shard_map_run(case):
@@ -105,7 +101,7 @@ def _shard_map_run(case):
   rows = []
   for grads in SEQ:
     out, state = step(jax.device_put(grads, shardings), state)
-    rows.append(_to_host((out, state)))
+    rows.append(to_host((out, state)))
   return rows
 
 
@@ -118,7 +114,7 @@ def _pmap_run(case):
     sliced = {k: np.moveaxis(v, AXES[k], 0).reshape(8, -1)
               for k, v in grads.items()}
     out, states = step(sliced, state)
-    states = _to_host(states)
+    states = to_host(states)
     for per_device in jax.tree.leaves(states):
       # One branch and one decision on every device (NaN compares unequal).
       np.testing.assert_array_equal(per_device, np.broadcast_to(
@@ -140,7 +136,7 @@ def _sharded_jit_run(case):
   rows = []
   for grads in SEQ:
     out, state = step(jax.device_put(grads, shardings), state)
-    rows.append(_to_host((out, state)))
+    rows.append(to_host((out, state)))
   return rows
 
 

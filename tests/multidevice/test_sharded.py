@@ -14,7 +14,14 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from references import ZClipRef, assert_same_step, make_sequence, tree_norm64
+from references import (
+  ZClipRef,
+  assert_same_step,
+  make_sequence,
+  one_device_run,
+  to_host,
+  tree_norm64,
+)
 
 import optax_zclip
 
@@ -42,19 +49,9 @@ def _mesh(shape, names, axis_type=AxisType.Auto):
               axis_types=(axis_type,) * len(names))
 
 
-def _to_host(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
 
 def single_device_run(case):
-  tx = make_tx(case)
-  step = jax.jit(tx.update)
-  state = tx.init(SEQ[0])
-  rows = []
-  for grads in SEQ:
-    out, state = step(grads, state)
-    rows.append(_to_host((out, state)))
-  return rows
+  return one_device_run(make_tx(case), SEQ)
 
 
 def assert_same_run(rows, case):
@@ -105,7 +102,7 @@ def _sharded_jit_run(case, mesh):
     for x in jax.tree.leaves(state):
       assert x.sharding.is_fully_replicated, x.sharding
       assert len(x.sharding.device_set) == 8
-    rows.append(_to_host((out, state)))
+    rows.append(to_host((out, state)))
   return rows, step.lower(g, state).compile().as_text()
 
 
@@ -164,7 +161,7 @@ def test_shard_map_with_sharded_grads_and_axis_name(case, layout):
   rows = []
   for grads in SEQ:
     out, state = step(jax.device_put(grads, shardings), state)
-    rows.append(_to_host((out, state)))
+    rows.append(to_host((out, state)))
   assert_same_run(rows, case)
 
 
@@ -196,7 +193,7 @@ def test_pmap_with_sharded_grads_and_axis_name(case):
   for grads in SEQ:
     sliced = {k: v.reshape(8, -1) for k, v in grads.items()}
     out, states = step(sliced, state)
-    states = _to_host(states)
+    states = to_host(states)
     for per_device in jax.tree.leaves(states):
       assert (per_device == per_device[0]).all()  # one decision
     state = jax.tree.map(lambda x: x[0], states)

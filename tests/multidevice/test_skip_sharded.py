@@ -20,6 +20,7 @@ from references import (
   SkipSpikesRef,
   assert_same_step,
   make_sequence,
+  to_host,
   tree_norm64,
 )
 
@@ -59,9 +60,6 @@ def _mesh(shape, names):
               axis_types=(AxisType.Auto,) * len(names))
 
 
-def _to_host(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
 
 def _update(tx):
   return lambda grads, state, loss: tx.update(grads, state, value=loss)
@@ -74,7 +72,7 @@ def single_device_run():
   rows = []
   for grads, loss in zip(SEQ, LOSSES, strict=True):
     out, state = step(grads, state, loss)
-    rows.append(_to_host((out, state)))
+    rows.append(to_host((out, state)))
   return rows
 
 
@@ -109,7 +107,7 @@ def test_sharded_jit_fsdp_needs_no_axis_name():
         assert out[k].sharding.is_equivalent_to(g[k].sharding, g[k].ndim), k
       for x in jax.tree.leaves(state):
         assert x.sharding.is_fully_replicated
-      rows.append(_to_host((out, state)))
+      rows.append(to_host((out, state)))
   assert_same_run(rows)
 
 
@@ -133,7 +131,7 @@ def test_shard_map_with_sharded_grads_and_axis_name(layout):
   for grads, loss in zip(SEQ, LOSSES, strict=True):
     out, state = step(jax.device_put(grads, shardings), state,
                       jnp.float32(loss))
-    rows.append(_to_host((out, state)))
+    rows.append(to_host((out, state)))
   assert_same_run(rows)
 
 
@@ -145,7 +143,7 @@ def test_pmap_with_sharded_grads_and_axis_name():
   for grads, loss in zip(SEQ, LOSSES, strict=True):
     sliced = {k: v.reshape(8, -1) for k, v in grads.items()}
     out, states = step(sliced, state, jnp.float32(loss))
-    states = _to_host(states)
+    states = to_host(states)
     for per_device in jax.tree.leaves(states):
       # One decision and one state on every device (NaN equal to NaN).
       np.testing.assert_array_equal(per_device, np.broadcast_to(
