@@ -130,7 +130,7 @@ def zclip(
 
   .. math::
     c = \left(\mu + \frac{z_{thres}^2\, \sigma}{z}\right) \cdot
-    \text{clip\_factor},
+    \mathrm{clip\_factor},
 
   so the larger the outlier, the closer to the mean it is pulled. The limit is
   then capped at ``max_grad_norm`` (when not None) and the updates are
