@@ -213,7 +213,7 @@ def test_whole_train_step_sees_optax_clip():
 @pytest.mark.xfail(strict=True, reason=(
     "skip_spikes selects AdamW's old or new moments after the update; the "
     "parameter update recomputes the new moments from the old ones, so XLA "
-    "copies every moment first (README, Performance)."))
+    "copies every moment first (docs, Performance guide)."))
 def test_whole_train_step_skip_spikes_adds_no_copy():
   got = _train_step_buffers(
       optax_zclip.skip_spikes(optax.chain(optax_zclip.zclip(),

@@ -439,7 +439,7 @@ def test_100k_steps_right():
   n, window = 100_000, 1000
   losses = random_curve(rng, n, n_spikes=50, spike_scale=5.0)
   # (Speed is measured by hand, not asserted: a timed unit test fails on a
-  # busy machine; the README gives the measured time.)
+  # busy machine; the docs give the measured time.)
   mask = spike_mask(losses, window=window, n_sigma=7.0)
   score = spike_score(losses, window=window, n_sigma=7.0)
   runs = count_spikes(losses, window=window, n_sigma=7.0)
