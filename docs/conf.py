@@ -46,13 +46,15 @@ python_display_short_literal_types = True
 
 autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
-autodoc_default_options = {"show-inheritance": False}
 autosummary_generate = False
 
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_use_ivar = False
+# The dtype and shape of each field are in its description; the annotation
+# (jax.Array for all of them) would only repeat itself.
+napoleon_attr_annotations = False
 
 # MyST and executed pages.
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
@@ -86,3 +88,4 @@ autodoc_type_aliases = {
     "ArrayLike": "jax.typing.ArrayLike",
     "AxisName": "AxisName",
 }
+toc_object_entries_show_parents = "hide"
