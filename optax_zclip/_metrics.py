@@ -228,7 +228,7 @@ def spike_mask(losses: Any, window: int = 1000,
       is not an integer >= 2, or ``n_sigma`` is not a finite number > 0.
 
   Example:
-    >>> from optax_zclip._metrics import spike_mask
+    >>> from optax_zclip import spike_mask
     >>> losses = [3.0, 2.9, 2.8, 2.7, 9.0, 2.6, float("nan"), 2.4]
     >>> spike_mask(losses, window=4, n_sigma=3.0).nonzero()[0].tolist()
     [4, 6]
@@ -305,7 +305,7 @@ def spike_score(losses: Any, window: int = 1000,
       is not an integer >= 2, or ``n_sigma`` is not a finite number > 0.
 
   Example:
-    >>> from optax_zclip._metrics import spike_score
+    >>> from optax_zclip import spike_score
     >>> losses = [3.0, 2.9, 2.8, 2.7, 9.0, 2.6, 2.5, 2.4]
     >>> spike_score(losses, window=4, n_sigma=3.0)
     0.125
@@ -344,7 +344,7 @@ def count_spikes(losses: Any, window: int = 1000,
       is not an integer >= 2, or ``n_sigma`` is not a finite number > 0.
 
   Example:
-    >>> from optax_zclip._metrics import count_spikes
+    >>> from optax_zclip import count_spikes
     >>> losses = [3.0, 2.9, 2.8, 2.7, 9.0, 9.0, 2.6, 2.5, 12.0]
     >>> count_spikes(losses, window=4, n_sigma=1.0)
     2
