@@ -131,7 +131,9 @@ def skip_spikes(
       \quad\text{or}\quad
       g - \operatorname{mean}(G) > \sigma \operatorname{std}(G),
 
-    with the sample standard deviation (ddof=1); only an increase counts;
+    with the sample standard deviation (ddof=1); only an increase counts.
+    A standard deviation needs two recorded values, so with ``window < 6``
+    the test starts at the third step (``n >= 2``), not the second;
   * then the pair ``(x, g)`` is recorded, skipped or not, replacing the
     oldest once ``window`` are held.
 
@@ -157,8 +159,8 @@ def skip_spikes(
       `optax.GradientTransformation`.
     window: how many recent finite steps the statistics cover; a Python int
       >= 2 (it sets the state's shape, so under `optax.inject_hyperparams`
-      list it in ``static_args``). The test starts once ``window // 2`` steps
-      are recorded.
+      list it in ``static_args``). The test applies from the
+      ``max(3, window // 2)``-th finite step on.
     sigma: how many standard deviations above the window's mean a loss or
       norm must be to skip the step; > 0.
     axis_name: a mesh axis name (or tuple of names) over which the squared

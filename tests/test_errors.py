@@ -8,8 +8,9 @@ values for every constraint: out of range, non-finite, the wrong type
 integer), and arrays of the wrong rank. Each bad value must raise
 `ValueError` at call (build) time, with the argument's name in backticks.
 `errors_markdown` renders the table, with the messages obtained by calling
-the functions, as the README's "Errors" section; a test checks that the
-README holds exactly that, and ``python tests/test_errors.py`` rewrites it.
+the functions, as the "Errors" section of the documentation page
+``docs/guides/errors.md``; a test checks that the page holds exactly that,
+and ``python tests/test_errors.py`` rewrites it.
 """
 
 from __future__ import annotations
@@ -32,15 +33,13 @@ NAN, INF = math.nan, math.inf
 METRICS = ("spike_mask", "spike_score", "count_spikes")
 LOSSES = [3.0, 2.9, 2.8, 2.7, 9.0, 2.6]
 
-# (functions, argument, allowed, bad values). The first bad value gives the
-# example message of the README table.
 # Python floats that float32, the precision the transforms compute in, turns
 # into 1.0, 0.0 and inf.
 ROUNDS_TO_1, ROUNDS_TO_0, ROUNDS_TO_INF = 0.9999999999, 1e-50, 1e39
 INT32_MAX = 2**31 - 1
 
 # (functions, argument, allowed, bad values). The first bad value gives the
-# example message of the README table.
+# example message of the documentation's table.
 TABLE = [
     ("zclip", "alpha", "float in (0, 1), in float32",
      [1.0, 0.0, -0.5, 1.5, NAN, INF, ROUNDS_TO_1, ROUNDS_TO_0, 1 - 1e-9,
@@ -282,7 +281,7 @@ def test_max_grad_norm_inf_is_no_cap_like_none(fn):
 
 
 def errors_markdown() -> str:
-  """The README's "Errors" section: the table, with real messages."""
+  """The docs page's "Errors" section: the table, with real messages."""
   lines = [
       "## Errors",
       "",
@@ -302,10 +301,10 @@ def errors_markdown() -> str:
       "that float32 turns into 0 or inf. `max_grad_norm=inf` means no cap,",
       "like `None`, and unlike `None` it can be injected. `warmup_steps` is",
       "compared with an int32 step counter, which saturates at 2**31 - 1.",
-      "",
-      "| function | argument | allowed | example message |",
-      "|---|---|---|---|",
   ]
+  # One table per function (TABLE lists each function's arguments
+  # together), so that the example messages have room on the page.
+  previous = None
   for fns, arg, allowed, values in TABLE:
     fn = fns if isinstance(fns, str) else fns[0]
     try:
@@ -314,9 +313,13 @@ def errors_markdown() -> str:
       message = str(e).replace("|", "\\|")
     else:
       raise AssertionError(f"{fn}({arg}={values[0]!r}) did not raise")
-    names = ([fns] if isinstance(fns, str) else list(fns))
-    lines.append("| " + ", ".join(f"`{n}`" for n in names)
-                 + f" | `{arg}` | {allowed} | `` {message} `` |")
+    if fns != previous:
+      names = ([fns] if isinstance(fns, str) else list(fns))
+      lines += ["", "**" + ", ".join(f"`{n}`" for n in names) + "**", "",
+                "| argument | allowed | example message |",
+                "|---|---|---|"]
+      previous = fns
+    lines.append(f"| `{arg}` | {allowed} | `` {message} `` |")
   lines += [
       "",
       "Values that are traced are not checked at build time: inside",
@@ -343,12 +346,20 @@ def errors_markdown() -> str:
   return "\n".join(lines)
 
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+DOCS_PAGE = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "guides"
+             / "errors.md")
 
 
-def _readme_errors_span(text: str) -> tuple[int, int]:
-  start = text.index("## Errors\n")
-  return start, text.index("\n## ", start) + 1
+def _docs_errors_span(text: str) -> tuple[int, int]:
+  """Where the "## Errors" section starts and ends (next section or EOF)."""
+  start = text.index("\n## Errors\n") + 1
+  end = text.find("\n## ", start)
+  return start, len(text) if end < 0 else end + 1
+
+
+def _section(text: str, end: int) -> str:
+  """The section as generated: a blank line before a section that follows."""
+  return errors_markdown() + ("\n" if end < len(text) else "")
 
 
 def test_errors_markdown_renders_a_row_per_argument():
@@ -358,16 +369,16 @@ def test_errors_markdown_renders_a_row_per_argument():
   assert text.startswith("## Errors\n")
 
 
-def test_readme_errors_section_is_up_to_date():
-  text = README.read_text()
-  start, end = _readme_errors_span(text)
-  assert text[start:end] == errors_markdown() + "\n", (
-      "README.md's Errors section is out of date: run "
+def test_docs_errors_section_is_up_to_date():
+  text = DOCS_PAGE.read_text()
+  start, end = _docs_errors_span(text)
+  assert text[start:end] == _section(text, end), (
+      "docs/guides/errors.md's Errors section is out of date: run "
       "`python tests/test_errors.py` to rewrite it from TABLE.")
 
 
 if __name__ == "__main__":
-  # Rewrites the README's Errors section from TABLE and the real messages.
-  text = README.read_text()
-  start, end = _readme_errors_span(text)
-  README.write_text(text[:start] + errors_markdown() + "\n" + text[end:])
+  # Rewrites the docs page's Errors section from TABLE and the real messages.
+  text = DOCS_PAGE.read_text()
+  start, end = _docs_errors_span(text)
+  DOCS_PAGE.write_text(text[:start] + _section(text, end) + text[end:])
