@@ -204,10 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     metrics = jax.device_get(metrics)
     results[mode] = {
         "losses": np.asarray(jax.device_get(losses), np.float64),
-        "grad_norm": np.array([m["grad_norm"] for m in metrics], np.float64),
-        "clipped_norm": np.array([m["clipped_norm"] for m in metrics],
+        "grad_norm": np.array([m["zclip/grad_norm"] for m in metrics],
+                              np.float64),
+        "clipped_norm": np.array([m["zclip/clipped_norm"] for m in metrics],
                                  np.float64),
-        "spike_count": int(metrics[-1]["spike_count"]),
+        "spike_count": int(metrics[-1]["zclip/spike_count"]),
     }
   base = results[modes[0]]
   print(f"{'mode':10s} {'final loss':>10s} {'spikes':>6s} {'clipped':>7s}"

@@ -81,14 +81,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
   d_in = 16
   xs, ys, glitch, x_eval, y_eval = make_data(
       args.steps, args.batch, d_in, args.spike_every, args.seed)
+  # Each method and the kind that prefixes its keys in `stats`
+  # ("clip/grad_norm", "zclip/grad_norm", ...).
   methods = {
-      "no clipping": optax_zclip.clip_by_global_norm(None),
-      "clip_by_global_norm(1.0)": optax_zclip.clip_by_global_norm(1.0),
-      "zclip": optax_zclip.zclip(alpha=0.97, z_thresh=2.5, warmup_steps=25,
-                                 max_grad_norm=None),
+      "no clipping": (optax_zclip.clip_by_global_norm(None), "clip"),
+      "clip_by_global_norm(1.0)": (optax_zclip.clip_by_global_norm(1.0),
+                                   "clip"),
+      "zclip": (optax_zclip.zclip(alpha=0.97, z_thresh=2.5, warmup_steps=25,
+                                  max_grad_norm=None), "zclip"),
   }
   results = {}
-  for name, clip in methods.items():
+  for name, (clip, kind) in methods.items():
     model = MLP(d_in, 64, rngs=nnx.Rngs(args.seed))
     optimizer = nnx.Optimizer(
         model, optax.chain(clip, optax.adamw(args.lr)), wrt=nnx.Param)
@@ -98,11 +101,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
       loss, s = train_step(model, optimizer, xs[t], ys[t])
       if glitch[t]:
         s = jax.device_get(s)  # every metric to the host in one transfer
-        flagged_glitches += int(s["clipped_norm"] < s["grad_norm"])
-        z = f"  z {s['z_score']:7.1f}" if "z_score" in s else ""
-        print(f"  step {t:4d} glitch: grad_norm {s['grad_norm']:8.2f}{z}"
-              f"  threshold {s['threshold']:6.2f}  -> clipped_norm "
-              f"{s['clipped_norm']:6.2f}")
+        norm, clipped = s[f"{kind}/grad_norm"], s[f"{kind}/clipped_norm"]
+        flagged_glitches += int(clipped < norm)
+        z = f"  z {s['zclip/z_score']:7.1f}" if kind == "zclip" else ""
+        print(f"  step {t:4d} glitch: grad_norm {norm:8.2f}{z}"
+              f"  threshold {s[f'{kind}/threshold']:6.2f}  -> clipped_norm "
+              f"{clipped:6.2f}")
     eval_loss = float(loss_fn(model, jnp.asarray(x_eval), jnp.asarray(y_eval)))
     results[name] = {"eval_loss": eval_loss, "final_loss": float(loss),
                      "clipped_glitches": flagged_glitches,
@@ -110,10 +114,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"{name:26s} final train loss {float(loss):.4f}"
           f"  eval loss {eval_loss:.4f}")
     if name == "zclip":
-      print(f"{'':26s} spikes detected {int(s['spike_count'])},"
+      print(f"{'':26s} spikes detected {int(s['zclip/spike_count'])},"
             f" glitches injected {int(glitch.sum())}, clipped"
             f" {flagged_glitches}")
-      results[name]["spike_count"] = int(s["spike_count"])
+      results[name]["spike_count"] = int(s["zclip/spike_count"])
   return results
 
 

@@ -19,7 +19,7 @@ from optax_zclip._skip import SkipSpikesState, skip_spikes
 from optax_zclip._stats import loggable_state, stats
 from optax_zclip._zclip import ZClipState, zclip
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaGCState",

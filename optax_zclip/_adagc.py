@@ -20,7 +20,8 @@ from optax_zclip._stats import loggable_state
 class AdaGCState(NamedTuple):
   """State of `adagc`: one reference norm per tensor, plus telemetry.
 
-  `optax_zclip.stats` reports every field but ``gamma``.
+  `optax_zclip.stats` reports every field but ``gamma``, as
+  ``adagc/<field>``.
 
   Attributes:
     count: int32 scalar, number of steps whose global norm was finite (as

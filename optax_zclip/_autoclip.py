@@ -20,7 +20,8 @@ from optax_zclip._stats import loggable_state
 class AutoClipState(NamedTuple):
   """State of `autoclip`: a ring buffer of recent norms, plus telemetry.
 
-  `optax_zclip.stats` reports every field but ``history``.
+  `optax_zclip.stats` reports every field but ``history``, as
+  ``autoclip/<field>``.
 
   Attributes:
     count: int32 scalar, number of finite norms recorded so far (the

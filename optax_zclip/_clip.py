@@ -20,7 +20,8 @@ from optax_zclip._stats import loggable_state
 class ClipByGlobalNormState(NamedTuple):
   """State of `clip_by_global_norm`: telemetry only (the rule has no memory).
 
-  Every field is a scalar, and `optax_zclip.stats` reports all of them.
+  Every field is a scalar, and `optax_zclip.stats` reports all of them, as
+  ``clip/<field>``.
 
   Attributes:
     count: int32, number of steps whose global norm was finite (steps with a

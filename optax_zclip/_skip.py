@@ -21,8 +21,8 @@ class SkipSpikesState(NamedTuple):
   """State of `skip_spikes`: the recent history, telemetry and the inner state.
 
   `optax_zclip.stats` reports every field but the three buffers and
-  ``position``, and, with its own keys, the states of this package's
-  transforms inside ``inner_state``.
+  ``position``, as ``skip/<field>``, and, with their own keys, the states of
+  this package's transforms inside ``inner_state``.
 
   Attributes:
     losses: float32 vector of shape ``[window]``, a ring buffer of the losses

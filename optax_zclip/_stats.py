@@ -38,8 +38,10 @@ def loggable_state(name: str, fields: tuple[str, ...],
   know about the transform.
 
   Args:
-    name: the prefix of the keys when `stats` finds several clipping states
-      (``"zclip"`` gives ``"zclip/grad_norm"``).
+    name: the state's kind, a short name that prefixes every key `stats`
+      reports for it (``"zclip"`` gives ``"zclip/grad_norm"``); non-empty,
+      without ``/``, ``[`` or ``]``, and not the kind of another declared
+      state.
     fields: the state's fields that are scalars worth logging every step
       (per-tensor and buffer fields are left out).
     derived: extra values computed from the declared fields, as a mapping
@@ -50,7 +52,8 @@ def loggable_state(name: str, fields: tuple[str, ...],
     The decorator, which returns the class unchanged after registering it.
 
   Raises:
-    ValueError: if a field is not one of the class's fields, a derived key
+    ValueError: if ``name`` is not a valid kind or is another declared
+      state's, a field is not one of the class's fields, a derived key
       repeats a field, or another declared state has the same field names
       (`stats` could not tell the two apart once ``nnx.state`` has turned
       them into mappings).
@@ -64,7 +67,7 @@ def loggable_state(name: str, fields: tuple[str, ...],
     ...   my_private_buffer: jax.Array
     >>> s = optax_zclip.stats({"opt": MyClipState(jnp.array(1.5), 0.0)})
     >>> {k: float(v) for k, v in s.items()}
-    {'grad_norm': 1.5}
+    {'myclip/grad_norm': 1.5}
 
   References:
     The fields follow what large JAX trainers log every step from their
@@ -73,6 +76,10 @@ def loggable_state(name: str, fields: tuple[str, ...],
     and MaxText (https://github.com/AI-Hypercomputer/maxtext).
   """
   derived = dict(derived or {})
+  if (not isinstance(name, str) or not name
+      or any(c in name for c in "/[]")):
+    raise ValueError("`name` must be a non-empty string without '/', '[' or "
+                     f"']'; got {name!r}.")
 
   def declare(cls: _StateT) -> _StateT:
     own = tuple(getattr(cls, "_fields", ()))
@@ -87,6 +94,10 @@ def loggable_state(name: str, fields: tuple[str, ...],
       if (other.__module__, other.__qualname__) == (cls.__module__,
                                                     cls.__qualname__):
         del _DECLARED[other]  # The same class again (a module reloaded).
+      elif _DECLARED[other].name == name:
+        raise ValueError(
+            f"`name` {name!r} is already the kind of {other.__name__}; "
+            "stats() keys would collide.")
       elif set(other._fields) == set(own):
         raise ValueError(
             f"{cls.__name__} has the same fields as {other.__name__}; "
@@ -169,28 +180,29 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   run inside `jax.jit` and return the values with the rest of a train step's
   metrics.
 
-  The keys are those each state declares:
+  Every key is ``<kind>/<field>``, whatever else the optimizer holds, so
+  that a dashboard does not break when, say, the chain is wrapped in
+  `skip_spikes`. The kinds and their fields:
 
-  * `zclip`: ``count``, ``mean``, ``var``, ``grad_norm``, ``clipped_norm``,
-    ``z_score``, ``threshold``, ``spike_count``, ``nonfinite_count``,
-    ``restart_count`` and ``std = sqrt(var)``;
-  * `adagc`: ``count``, ``grad_norm``, ``clipped_norm``, ``num_clipped``,
-    ``nonfinite_count``;
-  * `autoclip`: ``count``, ``grad_norm``, ``clipped_norm``, ``threshold``,
-    ``nonfinite_count``;
-  * `clip_by_global_norm`: ``count``, ``grad_norm``, ``clipped_norm``,
-    ``threshold``, ``clipped_count``, ``nonfinite_count``;
-  * `skip_spikes`: ``size``, ``skipped``, ``skip_count``,
+  * ``zclip/`` (`zclip`): ``count``, ``mean``, ``var``, ``grad_norm``,
+    ``clipped_norm``, ``z_score``, ``threshold``, ``spike_count``,
+    ``nonfinite_count``, ``restart_count`` and ``std = sqrt(var)``;
+  * ``adagc/`` (`adagc`): ``count``, ``grad_norm``, ``clipped_norm``,
+    ``num_clipped``, ``nonfinite_count``;
+  * ``autoclip/`` (`autoclip`): ``count``, ``grad_norm``, ``clipped_norm``,
+    ``threshold``, ``nonfinite_count``;
+  * ``clip/`` (`clip_by_global_norm`): ``count``, ``grad_norm``,
+    ``clipped_norm``, ``threshold``, ``clipped_count``, ``nonfinite_count``;
+  * ``skip/`` (`skip_spikes`): ``size``, ``skipped``, ``skip_count``,
     ``nonfinite_count``, ``grad_norm``, ``loss_threshold``,
-    ``norm_threshold``, and the states inside the optimizer it wraps.
+    ``norm_threshold``; the states inside the optimizer it wraps report
+    their own keys.
 
-  If the state holds several clipping states, each key is prefixed with the
-  transform's name and a slash (``"zclip/grad_norm"``, ``"adagc/..."``,
-  ``"autoclip/..."``, ``"clip/..."``, ``"skip/..."``); when one kind occurs
-  more than once (say, one ZClip per parameter group with `optax.partition`),
-  the name is followed by the state's path in brackets,
-  ``"zclip[inner_states.a.inner_state]/..."``. The keys are the same whether
-  ``opt_state`` is an ``nnx.Optimizer`` or ``nnx.state`` of it.
+  When one kind occurs more than once (say, one ZClip per parameter group
+  with `optax.multi_transform`), the kind is followed by the state's path in
+  brackets, ``"zclip[inner_states.embed.inner_state.0]/grad_norm"``. The keys
+  are the same whether ``opt_state`` is an ``nnx.Optimizer`` or
+  ``nnx.state`` of it.
 
   Args:
     opt_state: an optimizer state, or any pytree containing one.
@@ -207,8 +219,9 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
     >>> tx = optax.chain(optax_zclip.zclip(), optax.adamw(1e-3))
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> sorted(optax_zclip.stats(state))  # doctest: +NORMALIZE_WHITESPACE
-    ['clipped_norm', 'count', 'grad_norm', 'mean', 'nonfinite_count',
-     'restart_count', 'spike_count', 'std', 'threshold', 'var', 'z_score']
+    ['zclip/clipped_norm', 'zclip/count', 'zclip/grad_norm', 'zclip/mean',
+     'zclip/nonfinite_count', 'zclip/restart_count', 'zclip/spike_count',
+     'zclip/std', 'zclip/threshold', 'zclip/var', 'zclip/z_score']
     >>> optax_zclip.stats(optax.adamw(1e-3).init({"w": jnp.zeros(3)}))
     {}
 
@@ -223,14 +236,14 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
     return {} if default is None else default
   result: dict[str, jax.Array] = {}
   for path, node, cls in found:
-    prefix = ""
-    if len(found) > 1:
-      prefix = _DECLARED[cls].name
-      if sum(c is cls for _, _, c in found) > 1:
-        # `simple` renders attribute, dict and sequence keys alike, so the
-        # name does not depend on how an nnx.Optimizer was passed in.
-        prefix += "[" + jax.tree_util.keystr(path, simple=True,
-                                             separator=".") + "]"
-      prefix += "/"
+    # Always prefixed, so that a key does not change when another clipping
+    # state joins the optimizer (wrapping the chain in `skip_spikes`, say).
+    prefix = _DECLARED[cls].name
+    if sum(c is cls for _, _, c in found) > 1:
+      # `simple` renders attribute, dict and sequence keys alike, so the
+      # name does not depend on how an nnx.Optimizer was passed in.
+      prefix += "[" + jax.tree_util.keystr(path, simple=True,
+                                           separator=".") + "]"
+    prefix += "/"
     result.update({prefix + k: v for k, v in _report(cls, node).items()})
   return result

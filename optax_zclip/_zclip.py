@@ -25,7 +25,7 @@ class ZClipState(NamedTuple):
   """State of `zclip`: the norm statistics plus telemetry of the last step.
 
   Every field is a scalar. The field names are public API: `optax_zclip.stats`
-  reports all of them, plus ``std = sqrt(var)``.
+  reports all of them, plus ``std = sqrt(var)``, as ``zclip/<field>``.
 
   Attributes:
     count: int32, number of steps whose global norm was finite, i.e. the
@@ -216,9 +216,9 @@ def zclip(
     >>> for g in [0.3, 0.5, 0.4, 50.0]:
     ...   updates, state = tx.update({"w": jnp.array([g, 0.0])}, state)
     >>> s = optax_zclip.stats(state)
-    >>> print(f"{s['grad_norm']:.1f} -> {s['clipped_norm']:.3f}")
+    >>> print(f"{s['zclip/grad_norm']:.1f} -> {s['zclip/clipped_norm']:.3f}")
     50.0 -> 0.401
-    >>> print(int(s["spike_count"]))
+    >>> print(int(s["zclip/spike_count"]))
     1
 
   References:

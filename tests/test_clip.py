@@ -106,8 +106,9 @@ def test_none_measures_and_logs_without_clipping():
   updates, state = tx.update({"w": jnp.array([30.0, 40.0])}, state, params)
   np.testing.assert_allclose(updates["w"], [-30.0, -40.0])
   s = optax_zclip.stats(state)
-  assert float(s["grad_norm"]) == 50.0 == float(s["clipped_norm"])
-  assert float(s["threshold"]) == np.inf and int(s["clipped_count"]) == 0
+  assert float(s["clip/grad_norm"]) == 50.0 == float(s["clip/clipped_norm"])
+  assert (float(s["clip/threshold"]) == np.inf
+          and int(s["clip/clipped_count"]) == 0)
 
 
 def test_low_precision_norm_is_accumulated_in_float32():

@@ -81,9 +81,9 @@ def test_multisteps_clips_the_mean_gradient_once_per_real_step():
       np.testing.assert_allclose(params[key], want[key], rtol=2e-6,
                                  atol=2e-6, err_msg=f"real step {real_steps}")
     s = optax_zclip.stats(state)
-    np.testing.assert_allclose(float(s["grad_norm"]), g, rtol=2e-6)
-    assert int(s["count"]) == real_steps
-    assert int(s["spike_count"]) == ref.spikes
+    np.testing.assert_allclose(float(s["zclip/grad_norm"]), g, rtol=2e-6)
+    assert int(s["zclip/count"]) == real_steps
+    assert int(s["zclip/spike_count"]) == ref.spikes
   assert ref.spikes >= 2 and real_steps == 30
 
 

@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+import optax_zclip
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES / "spike_demo"))
 sys.path.insert(0, str(EXAMPLES))
@@ -31,7 +33,13 @@ from references import SkipSpikesRef, ZClipRef, tree_norm64  # noqa: E402
 from config import parse_args  # noqa: E402
 from data import load_corpus, outlier_batch  # noqa: E402
 from model import next_token_loss  # noqa: E402
-from train import host_rows, make_model, make_tx, restore  # noqa: E402
+from train import (  # noqa: E402
+  host_rows,
+  make_model,
+  make_tx,
+  restore,
+  stats_kind,
+)
 
 STEPS, INJECT, HORIZON, SEEDS = 40, (28, 34), 5, (0, 1)
 T0 = INJECT[0]  # the first injected step, where the branches part
@@ -319,24 +327,28 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
 
 
 def test_rows_follow_the_telemetry_keys():
-  """Host rows from synthetic step outputs: a spike is a step whose spike
-  count exceeds the previous step's, across calls (chunks between
-  checkpoints); threshold and tensor counts only where the telemetry has
-  them; an infinite threshold (no clipping) is logged as None; a skipped
-  step passed nothing on."""
+  """Host rows from synthetic step outputs, keyed as `optax_zclip.stats`
+  keys them (``<kind>/<field>``): a spike is a step whose spike count
+  exceeds the previous step's, across calls (chunks between checkpoints);
+  threshold and tensor counts only where the telemetry has them; an
+  infinite threshold (no clipping) is logged as None; a skipped step passed
+  nothing on."""
   f32, i32 = np.float32, np.int32
 
   def step(stats):
     return {"loss": f32(2.5), "probe_loss": f32(2.25), "stats": stats}
 
   def zclip(count, clipped_norm):
-    return step({"grad_norm": f32(4.0), "clipped_norm": f32(clipped_norm),
-                 "threshold": f32(3.0), "spike_count": i32(count)})
+    return step({"zclip/grad_norm": f32(4.0),
+                 "zclip/clipped_norm": f32(clipped_norm),
+                 "zclip/threshold": f32(3.0),
+                 "zclip/spike_count": i32(count)})
 
   lr = lambda t: 0.5 * t  # noqa: E731
   out = [zclip(2, 4.0), zclip(3, 3.0), zclip(3, 4.0), zclip(5, 3.0)]
-  first, last = host_rows(out[:2], 7, lr, {"spike_count": i32(2)})
-  second, _ = host_rows(out[2:], 9, lr, last)
+  first, last = host_rows(out[:2], 7, lr, {"zclip/spike_count": i32(2)},
+                          "zclip")
+  second, _ = host_rows(out[2:], 9, lr, last, "zclip")
   rows = first + second
   assert [r["step"] for r in rows] == [7, 8, 9, 10]
   assert [r["lr"] for r in rows] == [3.5, 4.0, 4.5, 5.0]
@@ -345,14 +357,14 @@ def test_rows_follow_the_telemetry_keys():
   assert rows[0] == {"step": 7, "lr": 3.5, "loss": 2.5, "probe_loss": 2.25,
                      "grad_norm": 4.0, "clipped_norm": 4.0, "threshold": 3.0,
                      "detected": False, "clipped": False}
-  adagc = step({"grad_norm": f32(4.0), "clipped_norm": f32(3.0),
-                "num_clipped": i32(6)})
-  (row,), _ = host_rows([adagc], 0, lr, {})
+  adagc = step({"adagc/grad_norm": f32(4.0), "adagc/clipped_norm": f32(3.0),
+                "adagc/num_clipped": i32(6)})
+  (row,), _ = host_rows([adagc], 0, lr, {}, "adagc")
   assert row["threshold"] is None and row["tensors_clipped"] == 6
   assert "detected" not in row and row["clipped"]
-  none = step({"grad_norm": f32(4.0), "clipped_norm": f32(4.0),
-               "threshold": f32(np.inf)})
-  (row,), _ = host_rows([none], 0, lr, {})
+  none = step({"clip/grad_norm": f32(4.0), "clip/clipped_norm": f32(4.0),
+               "clip/threshold": f32(np.inf)})
+  (row,), _ = host_rows([none], 0, lr, {}, "clip")
   assert row["threshold"] is None and not row["clipped"]
   assert set(row) == {"step", "lr", "loss", "probe_loss", "grad_norm",
                       "clipped_norm", "threshold", "clipped"}
@@ -364,10 +376,24 @@ def test_rows_follow_the_telemetry_keys():
                  "zclip/spike_count": i32(count)})
 
   (a, b), _ = host_rows([skip(1, 0), skip(0, 1)], 0, lr,
-                        {"skip/skipped": i32(0), "zclip/spike_count": i32(0)})
+                        {"skip/skipped": i32(0), "zclip/spike_count": i32(0)},
+                        "zclip")
   assert a["skipped"] and a["grad_norm"] == 9.0 and a["clipped_norm"] == 0.0
   assert a["clipped"] and not a["detected"]
   assert not b["skipped"] and b["clipped_norm"] == 1.0 and b["detected"]
+
+
+def test_every_run_reads_its_own_kind_of_telemetry():
+  """Each method's clipping state reports the keys its rows are read by."""
+  cfg, _ = parse_args(["--methods", "none,clip,zclip,adagc,autoclip,"
+                       "zclip+skip", "--clip-norms", "1"])
+  for run in cfg.runs:
+    model = make_model(cfg)
+    keys = set(optax_zclip.stats(nnx.Optimizer(model, make_tx(run, cfg),
+                                               wrt=nnx.Param)))
+    kind = stats_kind(run)
+    assert {f"{kind}/grad_norm", f"{kind}/clipped_norm"} <= keys, run
+    assert ("skip/skipped" in keys) == (run == "zclip+skip"), run
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--probe-size", "--batch-size",

@@ -12,8 +12,11 @@ from references import SEQ, ZClipRef, tree_norm64
 
 import optax_zclip
 
-KEYS = {"count", "mean", "var", "std", "grad_norm", "clipped_norm", "z_score",
-        "threshold", "spike_count", "nonfinite_count", "restart_count"}
+# ZClip's keys in stats(): always `zclip/<field>`, whatever wraps it.
+KEYS = {"zclip/count", "zclip/mean", "zclip/var", "zclip/std",
+        "zclip/grad_norm", "zclip/clipped_norm", "zclip/z_score",
+        "zclip/threshold", "zclip/spike_count", "zclip/nonfinite_count",
+        "zclip/restart_count"}
 
 
 def _check_against_reference(s, ref, grads, scale):
@@ -21,11 +24,11 @@ def _check_against_reference(s, ref, grads, scale):
   assert set(s) == KEYS
   g = tree_norm64(jax.tree.leaves(grads))
   mean, var = ref.running_stats()
-  np.testing.assert_allclose(s["grad_norm"], g, rtol=1e-5)
-  np.testing.assert_allclose(s["clipped_norm"], g * scale, rtol=1e-4)
-  np.testing.assert_allclose(s["mean"], mean, rtol=1e-4)
-  np.testing.assert_allclose(s["std"], np.sqrt(var), rtol=1e-3)
-  assert int(s["spike_count"]) == ref.spikes
+  np.testing.assert_allclose(s["zclip/grad_norm"], g, rtol=1e-5)
+  np.testing.assert_allclose(s["zclip/clipped_norm"], g * scale, rtol=1e-4)
+  np.testing.assert_allclose(s["zclip/mean"], mean, rtol=1e-4)
+  np.testing.assert_allclose(s["zclip/std"], np.sqrt(var), rtol=1e-3)
+  assert int(s["zclip/spike_count"]) == ref.spikes
   for k, v in s.items():
     assert v.shape == (), k
     assert v.dtype == (jnp.int32 if k.endswith("count") else jnp.float32), k
@@ -82,7 +85,7 @@ def test_stats_inside_multisteps_sees_the_accumulated_gradient():
                                dtype=np.float64) for key in micro[0]}
     scale = ref.step(tree_norm64(mean_grads.values()))["scale"]
   s = optax_zclip.stats(state)
-  assert int(s["count"]) == 20  # one statistic per real step, not per micro
+  assert int(s["zclip/count"]) == 20  # one statistic per real step, not micro
   _check_against_reference(s, ref, mean_grads, scale)
 
 
@@ -146,7 +149,7 @@ def test_no_clipping_state_gives_an_empty_dict_or_the_default():
   state = optax.adamw(1e-3).init({"w": jnp.zeros(2)})
   assert optax_zclip.stats(state) == {}
   assert jax.jit(optax_zclip.stats)(state) == {}
-  fallback = {"grad_norm": jnp.zeros([])}
+  fallback = {"zclip/grad_norm": jnp.zeros([])}
   assert optax_zclip.stats(state, default=fallback) is fallback
 
 
@@ -221,18 +224,24 @@ def _max_abs():
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-# Each transform, its keys in stats() and the float64 value of `grad_norm`
-# (or of the toy's `max_abs`) it must report for the last gradients seen.
+# Each transform, its keys in stats() (written out: they are public API,
+# what dashboards are keyed on) and the float64 value of `grad_norm` (or of
+# the toy's `max_abs`) it must report for the last gradients seen.
 _KEYS = {
     "zclip": KEYS,
-    "adagc": {"count", "grad_norm", "clipped_norm", "num_clipped",
-              "nonfinite_count"},
-    "autoclip": {"count", "grad_norm", "clipped_norm", "threshold",
-                 "nonfinite_count"},
-    "clip": {"count", "grad_norm", "clipped_norm", "threshold",
-             "clipped_count", "nonfinite_count"},
-    "maxabs": {"count", "max_abs", "twice"},
+    "adagc": {"adagc/count", "adagc/grad_norm", "adagc/clipped_norm",
+              "adagc/num_clipped", "adagc/nonfinite_count"},
+    "autoclip": {"autoclip/count", "autoclip/grad_norm",
+                 "autoclip/clipped_norm", "autoclip/threshold",
+                 "autoclip/nonfinite_count"},
+    "clip": {"clip/count", "clip/grad_norm", "clip/clipped_norm",
+             "clip/threshold", "clip/clipped_count", "clip/nonfinite_count"},
+    "maxabs": {"maxabs/count", "maxabs/max_abs", "maxabs/twice"},
 }
+# `skip_spikes`'s own keys, reported next to those of the states it wraps.
+SKIP_KEYS = {"skip/size", "skip/skipped", "skip/skip_count",
+             "skip/nonfinite_count", "skip/grad_norm", "skip/loss_threshold",
+             "skip/norm_threshold"}
 _MAKERS = {
     "zclip": lambda: optax_zclip.zclip(warmup_steps=2),
     "adagc": lambda: optax_zclip.adagc(warmup_steps=2),
@@ -256,12 +265,18 @@ def _nest(kind, make):
     return optax.MultiSteps(optax.chain(make(), optax.adamw(1e-3)), 2)
   if kind == "apply_if_finite":
     return optax.apply_if_finite(optax.chain(make(), optax.adamw(1e-3)), 3)
+  if kind == "multi_transform":
+    # One group holds the clipping state, the other none.
+    return optax.multi_transform(
+        {"clipped": optax.chain(make(), optax.adamw(1e-3)),
+         "frozen": optax.set_to_zero()},
+        {"a": "clipped", "b": "clipped", "c": "frozen"})
   raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["chain", "inject", "inject_outer",
-                                  "multisteps", "apply_if_finite", "nnx",
-                                  "nnx_state"])
+                                  "multisteps", "apply_if_finite",
+                                  "multi_transform", "nnx", "nnx_state"])
 @pytest.mark.parametrize("name", list(_MAKERS))
 def test_every_declared_state_is_found_in_every_nesting(name, kind):
   rng = np.random.default_rng(7)
@@ -283,24 +298,82 @@ def test_every_declared_state_is_found_in_every_nesting(name, kind):
   else:
     tx = _nest(kind, _MAKERS[name])
     params = {k: jnp.zeros(v.shape) for k, v in grads[0].items()}
+    if kind == "multi_transform":  # a frozen leaf next to the clipped ones
+      params["c"] = jnp.zeros(5)
+      grads = [{**g, "c": np.ones(5, np.float32)} for g in grads]
     state = tx.init(params)
     step = jax.jit(tx.update)
     for g in grads:
       _, state = step(g, state, params)
     s = jax.jit(optax_zclip.stats)(state)
-    # MultiSteps hands the inner chain the mean of each pair of micro-steps.
+    # MultiSteps hands the inner chain the mean of each pair of micro-steps;
+    # the clipping state sees the leaves "a" and "b" only.
     seen = ({k: (grads[2][k].astype(np.float64) + grads[3][k]) / 2
-             for k in grads[0]} if kind == "multisteps" else grads[-1])
+             for k in ("a", "b")} if kind == "multisteps"
+            else {k: grads[-1][k] for k in ("a", "b")})
   assert set(s) == _KEYS[name]
   if name == "maxabs":
     expected = max(np.abs(v).max() for v in seen.values())
-    np.testing.assert_allclose(s["max_abs"], expected, rtol=1e-6)
-    np.testing.assert_allclose(s["twice"], 2 * expected, rtol=1e-6)
+    np.testing.assert_allclose(s["maxabs/max_abs"], expected, rtol=1e-6)
+    np.testing.assert_allclose(s["maxabs/twice"], 2 * expected, rtol=1e-6)
   else:
-    np.testing.assert_allclose(s["grad_norm"], tree_norm64(seen.values()),
-                               rtol=1e-5)
+    np.testing.assert_allclose(s[f"{name}/grad_norm"],
+                               tree_norm64(seen.values()), rtol=1e-5)
   real_steps = 2 if kind == "multisteps" else 4
-  assert int(s["count"]) == real_steps
+  assert int(s[f"{name}/count"]) == real_steps
+
+
+# Each public clipping transform, built with its defaults, and its kind.
+_FACTORIES = {
+    "zclip": (optax_zclip.zclip, "zclip"),
+    "adagc": (optax_zclip.adagc, "adagc"),
+    "autoclip": (optax_zclip.autoclip, "autoclip"),
+    "clip_by_global_norm": (lambda: optax_zclip.clip_by_global_norm(1.0),
+                            "clip"),
+}
+
+
+@pytest.mark.parametrize("name", list(_FACTORIES))
+def test_keys_are_prefixed_and_stay_the_same_when_the_chain_is_wrapped(name):
+  make, kind = _FACTORIES[name]
+  params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+
+  def chain():
+    return optax.chain(make(), optax.adamw(1e-3))
+
+  alone = set(optax_zclip.stats(chain().init(params)))
+  assert alone == _KEYS[kind]
+  assert all(k.startswith(kind + "/") for k in alone), sorted(alone)
+  wrapped = {
+      "skip_spikes": optax_zclip.skip_spikes(chain(), window=4),
+      "multisteps": optax.MultiSteps(chain(), 2),
+      "apply_if_finite": optax.apply_if_finite(chain(), 3),
+  }
+  for how, tx in wrapped.items():
+    keys = set(optax_zclip.stats(tx.init(params)))
+    # Every key of the chain alone, under the same name; `skip_spikes`
+    # adds its own.
+    extra = SKIP_KEYS if how == "skip_spikes" else set()
+    assert keys == _KEYS[kind] | extra, (how, sorted(keys))
+  for how, tx in [("nnx", chain()),
+                  ("nnx_skip_spikes", optax_zclip.skip_spikes(chain(), 4))]:
+    model = nnx.Module()
+    model.a = nnx.Param(jnp.zeros(3))
+    model.b = nnx.Param(jnp.zeros((2, 2)))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    extra = SKIP_KEYS if how == "nnx_skip_spikes" else set()
+    assert set(optax_zclip.stats(optimizer)) == _KEYS[kind] | extra, how
+    assert (set(optax_zclip.stats(nnx.state(optimizer)))
+            == _KEYS[kind] | extra), how
+
+
+def test_one_state_in_a_multi_transform_group_has_the_keys_it_has_alone():
+  tx = optax.multi_transform(
+      {"clipped": optax_zclip.zclip(warmup_steps=2), "rest": optax.sgd(0.1)},
+      {"x": "clipped", "y": "rest"})
+  state = tx.init({"x": jnp.zeros(2), "y": jnp.zeros(3)})
+  # One ZClip state: no path, the same keys as a ZClip standing alone.
+  assert set(optax_zclip.stats(state)) == KEYS
 
 
 def test_a_plain_dict_with_the_same_keys_is_not_a_clipping_state():
@@ -323,3 +396,35 @@ def test_a_declaration_must_name_real_fields():
     optax_zclip.loggable_state("z2", fields=("count",))(
         NamedTuple("Z2", [(f, jax.Array)
                           for f in optax_zclip.ZClipState._fields]))
+
+
+def test_a_declaration_must_have_a_usable_kind():
+  class _S(NamedTuple):
+    a: jax.Array
+
+  for bad in ["", "my/clip", "my[clip", "myclip]", None]:
+    with pytest.raises(ValueError, match="non-empty string"):
+      optax_zclip.loggable_state(bad, fields=("a",))
+  # Another declared class's kind: its keys and this one's would collide.
+  for taken in ["zclip", "adagc", "autoclip", "clip", "skip", "maxabs"]:
+    with pytest.raises(ValueError, match="already the kind of"):
+      optax_zclip.loggable_state(taken, fields=("a",))(_S)
+  assert optax_zclip.stats({"s": _S(jnp.ones([]))}) == {}
+
+
+def test_the_same_class_may_be_declared_again():
+  # A module reloaded declares its classes again: same module and qualname,
+  # same kind. The new class replaces the old one.
+  again = optax_zclip.loggable_state(
+      "maxabs", fields=("count", "max_abs"),
+      derived={"twice": lambda s: 2 * s["max_abs"]})(
+          type("_MaxAbsState", (_MaxAbsState,), {"__module__": __name__}))
+  try:
+    s = optax_zclip.stats({"o": again(jnp.ones([], jnp.int32),
+                                      jnp.array(3.0), jnp.zeros([4]))})
+    assert {k: float(v) for k, v in s.items()} == {
+        "maxabs/count": 1.0, "maxabs/max_abs": 3.0, "maxabs/twice": 6.0}
+  finally:
+    optax_zclip.loggable_state(
+        "maxabs", fields=("count", "max_abs"),
+        derived={"twice": lambda s: 2 * s["max_abs"]})(_MaxAbsState)

@@ -64,7 +64,7 @@ def test_chained_before_adamw_matches_clip_then_adamw():
                       lr)
   for k in params:
     np.testing.assert_allclose(params[k], expected[k], rtol=2e-4, atol=2e-5)
-  assert int(optax_zclip.stats(state)["spike_count"]) == ref.spikes
+  assert int(optax_zclip.stats(state)["zclip/spike_count"]) == ref.spikes
 
 
 @pytest.mark.parametrize("warmup", [2, 9])

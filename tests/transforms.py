@@ -61,14 +61,26 @@ def chain_state(name: str, opt_state):
   return opt_state.inner_state if name in WRAPPERS else opt_state
 
 
+# The kind of each entry's clipping state: its keys in ``stats()`` are
+# ``<kind>/<field>``, wrapped or not.
+KINDS = {"zclip": "zclip", "zclip_no_cap": "zclip", "adagc": "adagc",
+         "autoclip": "autoclip", "clip_by_global_norm": "clip",
+         "measure_only": "clip", "skip_spikes": "zclip"}
+
+
 def grad_norm(name: str, logged):
-  """The global norm of the incoming gradients, from ``stats()``."""
-  return logged["skip/grad_norm" if name in WRAPPERS else "grad_norm"]
+  """The global norm of the incoming gradients, from ``stats()``.
+
+  A wrapper's own norm: the wrapped transform's is not updated on a skipped
+  step.
+  """
+  return logged["skip/grad_norm" if name in WRAPPERS
+                else f"{KINDS[name]}/grad_norm"]
 
 
 def counted_steps(name: str, logged):
   """The transform's ``count`` from ``stats()``: the steps it saw."""
-  return logged["zclip/count" if name in WRAPPERS else "count"]
+  return logged[f"{KINDS[name]}/count"]
 
 
 # A small training run shared by the donation tests (one device and 8): a

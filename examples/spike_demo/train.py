@@ -153,34 +153,41 @@ def _json_scalar(v: Any) -> Any:
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _flat_stats(s: dict) -> dict:
-  """One method's telemetry with flat keys.
+# The kind of each method's clipping state: `optax_zclip.stats` reports its
+# fields as ``<kind>/<field>`` (``clip/grad_norm``, ``zclip/spike_count``),
+# and zclip+skip adds `skip_spikes`'s as ``skip/<field>``.
+STATS_KIND = {"none": "clip", "clip": "clip", "zclip": "zclip",
+              "zclip+skip": "zclip", "adagc": "adagc", "autoclip": "autoclip"}
 
-  `optax_zclip.skip_spikes` around ZClip reports ``skip/...`` and
-  ``zclip/...``: the norm before clipping is the skip test's, the rest
-  ZClip's, plus whether the step was ``skipped``.
-  """
-  if "skip/skipped" not in s:
-    return s
-  flat = {k.removeprefix("zclip/"): v for k, v in s.items()
-          if k.startswith("zclip/")}
-  flat["grad_norm"] = s.get("skip/grad_norm")
-  flat["skipped"] = s["skip/skipped"]
-  return flat
+
+def stats_kind(run: str) -> str:
+  """The kind of run ``run``'s clipping state in `optax_zclip.stats`."""
+  return STATS_KIND[run.split("@")[0]]
+
+
+def grad_norm_of(s: dict, kind: str) -> Any:
+  """The norm before clipping: the skip test's where the run has one (on a
+  skipped step ZClip's is the previous step's), else the transform's."""
+  return s.get("skip/grad_norm", s[f"{kind}/grad_norm"])
 
 
 def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
-              before: dict) -> tuple[list[dict], dict]:
+              before: dict, kind: str) -> tuple[list[dict], dict]:
   """Host rows of consecutive steps' metrics, JSON-ready (NaN, Inf -> None).
 
-  Every field comes from the step's loss and its clipping telemetry, by the
-  telemetry's keys, whatever the method: a threshold only where the
-  transform has one global threshold (AdaGC has one per tensor, no clipping
-  an infinite one), ``detected`` where it counts spikes (ZClip; the count
-  went up during the step), ``tensors_clipped`` where it counts clipped
-  tensors (AdaGC), ``skipped`` where steps can be skipped (zclip+skip; a
-  skipped step's ``clipped_norm`` is 0, since nothing reached AdamW, and
-  ZClip's statistics were left as they were).
+  The one place where the telemetry's keys become the columns of
+  metrics.jsonl, which are the same for every method. Every field comes
+  from the step's loss and its clipping telemetry (`optax_zclip.stats`,
+  read by its keys ``<kind>/<field>``): ``grad_norm`` from `grad_norm_of`,
+  ``clipped_norm`` and ``threshold`` from the transform's fields, a
+  threshold only where the transform has one global threshold (AdaGC has
+  one per tensor, no clipping an infinite one), ``detected`` where it
+  counts spikes (``zclip/spike_count`` went up during the step),
+  ``tensors_clipped`` where it counts clipped tensors
+  (``adagc/num_clipped``), ``skipped`` where steps can be skipped
+  (``skip/skipped``, zclip+skip; a skipped step's ``clipped_norm`` is 0,
+  since nothing reached AdamW, and ZClip's statistics were left as they
+  were).
 
   Args:
     metrics: `train_step` outputs of steps ``start, start + 1, ...``.
@@ -188,26 +195,27 @@ def host_rows(metrics: list[dict], start: int, lr: optax.Schedule,
     lr: the learning-rate schedule, logged per step.
     before: the telemetry (on the host) of the optimizer state the first of
       these steps started from.
+    kind: the kind of the run's clipping state (`stats_kind`).
 
   Returns:
     The rows, and the telemetry of the last step (``before`` of the next
     call).
   """
   host = jax.device_get(metrics)
-  before = _flat_stats(before)
+  spikes, tensors = f"{kind}/spike_count", f"{kind}/num_clipped"
   rows = []
   for i, m in enumerate(host):
-    s = _flat_stats(m["stats"])
+    s = m["stats"]
     row = {"step": start + i, "lr": float(lr(start + i)), "loss": m["loss"],
-           "probe_loss": m["probe_loss"], "grad_norm": s["grad_norm"],
-           "clipped_norm": s["clipped_norm"],
-           "threshold": s.get("threshold", np.float32(np.nan))}
-    if "spike_count" in s:
-      row["detected"] = bool(s["spike_count"] > before["spike_count"])
-    if "num_clipped" in s:
-      row["tensors_clipped"] = s["num_clipped"]
-    if "skipped" in s:
-      row["skipped"] = bool(s["skipped"])
+           "probe_loss": m["probe_loss"], "grad_norm": grad_norm_of(s, kind),
+           "clipped_norm": s[f"{kind}/clipped_norm"],
+           "threshold": s.get(f"{kind}/threshold", np.float32(np.nan))}
+    if spikes in s:
+      row["detected"] = bool(s[spikes] > before[spikes])
+    if tensors in s:
+      row["tensors_clipped"] = s[tensors]
+    if "skip/skipped" in s:
+      row["skipped"] = bool(s["skip/skipped"])
       if row["skipped"]:
         row["clipped_norm"] = np.float32(0.0)
     row = {k: _json_scalar(v) for k, v in row.items()}
@@ -241,8 +249,8 @@ class _Trainer:
   """Trains spans of steps of one model and optimizer, with checkpoints."""
 
   def __init__(self, cfg: DemoConfig, corpus: Corpus, seed: int,
-               probe: jax.Array, progress: Any):
-    self.cfg, self.corpus, self.seed = cfg, corpus, seed
+               probe: jax.Array, progress: Any, kind: str):
+    self.cfg, self.corpus, self.seed, self.kind = cfg, corpus, seed, kind
     self.probe, self.progress = probe, progress
     self.schedule = lr_schedule(cfg)
     self.scale = jnp.float32(cfg.loss_scale)
@@ -285,11 +293,11 @@ class _Trainer:
           self.progress.set_postfix(
               seed=self.seed, branch="injected" if inject else "clean",
               loss=f"{last['loss']:.3f}",
-              grad_norm=f"{_flat_stats(last['stats'])['grad_norm']:.2f}")
+              grad_norm=f"{grad_norm_of(last['stats'], self.kind):.2f}")
       ckpt = mngr is not None and cfg.ckpt_every and done % cfg.ckpt_every == 0
       if done == stop or ckpt:
         new_rows, before = host_rows(pending, pending_start, self.schedule,
-                                     before)
+                                     before, self.kind)
         rows = rows + new_rows
         pending, pending_start = [], done
         with open(rows_path, "w") as f:
@@ -357,7 +365,7 @@ def run_seed(run: str, cfg: DemoConfig, corpus: Corpus, seed: int,
         (seed_dir / name / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=2 if keep else 1))
   probe = jnp.asarray(corpus.eval_batches(cfg.probe_size, cfg.seq_len, 1)[0])
-  trainer = _Trainer(cfg, corpus, seed, probe, progress)
+  trainer = _Trainer(cfg, corpus, seed, probe, progress, stats_kind(run))
   tx = make_tx(run, cfg)
 
   def fresh():
