@@ -1,9 +1,11 @@
 """Resumes training runs from Orbax checkpoints, in a fresh process.
 
-`test_checkpoint.py` trains each case of `CASES` for ``save_at`` steps,
-saves params and the whole optimizer state with
-`orbax.checkpoint.StandardCheckpointer` under ``<ckpt_root>/<case>``, and
-runs this script::
+`test_checkpoint.py` trains ``chain(<transform>, adamw)`` (wrapped, for a
+wrapper) for every entry of the registry (transforms.py), saving params and
+the whole optimizer state with `orbax.checkpoint.StandardCheckpointer` at
+each ``save_at`` of the entry's cases in `CASES` under ``<ckpt_root>/<case>``
+(in the warm-up, for an entry that has one, and after it), and runs this
+script::
 
   python checkpoint_worker.py CKPT_ROOT OUT_DIR CASE [CASE ...]
 
@@ -20,6 +22,7 @@ imported by the test too, so that both processes run the same training.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -31,34 +34,43 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from references import SEQ, SHAPES
-
-import optax_zclip
+from transforms import TRANSFORMS, with_adamw
 
 # One leaf in bf16, to check that checkpoints keep low-precision dtypes.
 DTYPES = {"w1": jnp.float32, "b1": jnp.bfloat16, "w2": jnp.float32}
 
 
 class Case(NamedTuple):
-  make_clip: Callable[[], optax.GradientTransformation]
+  name: str  # the registry entry
   save_at: int
   steps: int
 
 
-CASES = {
-    # ZClip's warm-up is 25 steps: save in its middle, and after it with
-    # spikes both before (31, 32) and after (50, 66, 81) the save.
-    "zclip_warmup": Case(lambda: optax_zclip.zclip(), 12, 60),
-    "zclip_after": Case(lambda: optax_zclip.zclip(), 40, 90),
-    "adagc_warmup": Case(lambda: optax_zclip.adagc(warmup_steps=10), 5, 40),
-    "adagc_after": Case(lambda: optax_zclip.adagc(warmup_steps=10), 30, 90),
-    # The ring buffer (16) wraps before and after the save at 37.
-    "autoclip": Case(lambda: optax_zclip.autoclip(window=16), 37, 90),
-}
+STEPS = 90
+AFTER = 40  # after every warm-up, with spikes (31, 32; 50, 66, 81) both sides
 
 
-def make_tx(case: str) -> optax.GradientTransformation:
-  return optax.chain(CASES[case].make_clip(),
-                     optax.adamw(1e-2, weight_decay=1e-4))
+def _cases() -> dict[str, Case]:
+  """Each entry saved after its warm-up, and in its middle if it has one.
+
+  (AutoClip's ring buffer, 8 long, wraps before and after the save.)
+  """
+  cases = {}
+  for name, e in TRANSFORMS.items():
+    assert e.warmup < AFTER
+    if e.warmup:
+      cases[f"{name}_warmup"] = Case(name, e.warmup // 2 + 1, STEPS)
+    cases[f"{name}_after"] = Case(name, AFTER, STEPS)
+  return cases
+
+
+CASES = _cases()
+
+
+@functools.cache
+def make_tx(name: str) -> optax.GradientTransformation:
+  """The entry's transform before AdamW (wrapped, for a wrapper)."""
+  return with_adamw(name, weight_decay=1e-4)
 
 
 def make_params() -> dict[str, jax.Array]:
@@ -70,7 +82,11 @@ def grads_at(t: int) -> dict[str, jax.Array]:
   return {k: jnp.asarray(v).astype(DTYPES[k]) for k, v in SEQ[t].items()}
 
 
-def make_step(tx: optax.GradientTransformation) -> Callable:
+@functools.cache
+def make_step(name: str) -> Callable:
+  """The jitted training step of ``make_tx(name)``: one per entry, shared
+  by its cases."""
+  tx = make_tx(name)
 
   @jax.jit
   def step(params, opt_state, grads):
@@ -96,7 +112,7 @@ def describe(tree: Any) -> dict[str, Any]:
 
 
 def abstract_target(case: str) -> dict[str, Any]:
-  tx = make_tx(case)
+  tx = make_tx(CASES[case].name)
   params = jax.eval_shape(make_params)
   return {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
 
@@ -110,8 +126,7 @@ def resume(ckpt_root: pathlib.Path, out_dir: pathlib.Path, case: str) -> None:
   info = describe(restored)
   arrays = {f"restored_{i}": bits(x)
             for i, x in enumerate(jax.tree.leaves(restored))}
-  tx = make_tx(case)
-  step = make_step(tx)
+  step = make_step(CASES[case].name)
   params, opt_state = restored["params"], restored["opt_state"]
   for t in range(CASES[case].save_at, CASES[case].steps):
     params, opt_state = step(params, opt_state, grads_at(t))

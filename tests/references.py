@@ -254,6 +254,42 @@ class AutoClipRef:
 
 
 @dataclass
+class ClipByGlobalNormRef:
+  """A fixed global-norm clip (Pascanu et al., 2013) and its telemetry.
+
+  A norm above ``max_norm`` is brought down to it (``scale = max_norm /
+  norm``, no eps); any other finite norm passes (``max_norm=None``: every
+  one). A NaN or Inf norm passes through untouched and is counted apart, not
+  as a step.
+  """
+
+  max_norm: float | None = 1.0
+  count: int = 0
+  grad_norm: float = 0.0
+  clipped_norm: float = 0.0
+  clipped_count: int = 0
+  nonfinite_count: int = 0
+
+  @property
+  def threshold(self) -> float:
+    return math.inf if self.max_norm is None else float(self.max_norm)
+
+  def step(self, g: float) -> dict:
+    """Feeds one global norm; returns the scale applied and the decision."""
+    self.grad_norm = g
+    scale = 1.0
+    if not math.isfinite(g):
+      self.nonfinite_count += 1
+    else:
+      self.count += 1
+      if g > self.threshold:
+        scale = self.threshold / g
+        self.clipped_count += 1
+    self.clipped_norm = g * scale
+    return dict(scale=scale, clipped=scale < 1.0)
+
+
+@dataclass
 class SkipSpikesRef:
   """skip_spikes' rule on a stream of (loss, norm) pairs, in float64.
 

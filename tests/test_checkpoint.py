@@ -1,9 +1,11 @@
 """Checkpoint and resume with Orbax: nothing lost across a restart.
 
-Each case of `checkpoint_worker.CASES` (ZClip saved during and after its
-warm-up, AdaGC during and after, AutoClip with a wrapped ring buffer) is
-trained here in one go, with a checkpoint of params and the whole optimizer
-state of ``chain(<clip>, adamw)`` written at ``save_at``. A fresh Python
+Each case of `checkpoint_worker.CASES` (every entry of the registry,
+transforms.py, saved after its warm-up and, if it has one, in its middle;
+AutoClip's ring buffer wrapped on both sides of the save) is trained here in
+one go, one run per entry, with a checkpoint of params and the whole
+optimizer state of ``chain(<clip>, adamw)`` (wrapped, for a wrapper) written
+at each case's ``save_at``. A fresh Python
 process then restores each checkpoint into an abstract target from
 `jax.eval_shape` and trains on; its params and every state leaf must be
 bit-identical to the uninterrupted run. The uninterrupted runs themselves are
@@ -24,7 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from references import AdaGCRef, AutoClipRef, ZClipRef, tree_norm64
+from references import tree_norm64
+from transforms import TRANSFORMS, WRAPPERS, chain_state, wrapper_reference
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -41,21 +44,24 @@ def runs(tmp_path_factory):
   out_dir.mkdir()
   ours = {}
   with ocp.StandardCheckpointer() as ckptr:
-    for case, c in cw.CASES.items():
-      tx = cw.make_tx(case)
-      step = cw.make_step(tx)
+    for name in TRANSFORMS:
+      cases = {case: c for case, c in cw.CASES.items() if c.name == name}
+      tx = cw.make_tx(name)
+      step = cw.make_step(name)
       params = cw.make_params()
       opt_state = tx.init(params)
-      history = []  # the clipping state after every step
-      for t in range(c.steps):
-        if t == c.save_at:
-          saved = {"params": params, "opt_state": opt_state}
-          ckptr.save((ckpt_root / case).absolute(), saved)
+      history, saved = [], {}  # the whole state after every step
+      for t in range(cw.STEPS):
+        for case, c in cases.items():
+          if t == c.save_at:
+            saved[case] = {"params": params, "opt_state": opt_state}
+            ckptr.save((ckpt_root / case).absolute(), saved[case])
         params, opt_state = step(params, opt_state, cw.grads_at(t))
-        history.append(opt_state[0])
+        history.append(opt_state)
       ckptr.wait_until_finished()
-      ours[case] = dict(saved=saved, history=history,
-                        final={"params": params, "opt_state": opt_state})
+      for case in cases:
+        ours[case] = dict(saved=saved[case], history=history,
+                          final={"params": params, "opt_state": opt_state})
   proc = subprocess.run(
       [sys.executable, str(TESTS / "checkpoint_worker.py"), str(ckpt_root),
        str(out_dir), *cw.CASES],
@@ -100,73 +106,86 @@ def test_resumed_run_is_bit_identical_to_the_uninterrupted_one(runs, case):
   # The checkpoint was not the initial state, and training moved on after it:
   # a restore that lost the state or the params would not match.
   saved, end = ours[case]["saved"], ours[case]["final"]
-  assert int(saved["opt_state"][0].count) == cw.CASES[case].save_at
-  assert int(end["opt_state"][0].count) == cw.CASES[case].steps
+  c = cw.CASES[case]
+
+  def steps_seen(opt_state):  # by the transform: a wrapper's skips are not
+    skipped = int(opt_state.skip_count) if c.name in WRAPPERS else 0
+    seen = int(chain_state(c.name, opt_state)[0].count)
+    return seen + skipped
+
+  assert steps_seen(saved["opt_state"]) == c.save_at
+  assert steps_seen(end["opt_state"]) == c.steps
   for k in saved["params"]:
     assert not np.array_equal(np.asarray(saved["params"][k]),
                               np.asarray(end["params"][k]))
 
 
-@pytest.mark.parametrize("case", ["zclip_warmup", "zclip_after"])
-def test_zclip_runs_match_the_reference(runs, case):
-  ours = runs[0][case]
-  c = cw.CASES[case]
-  ref = ZClipRef()
-  spikes_at = []
-  for t in range(c.steps):
-    r = ref.step(tree_norm64(_grads64(t).values()))
-    if r["spike"]:
-      spikes_at.append(t)
-    s = ours["history"][t]
-    assert int(s.spike_count) == ref.spikes, t
-    mean, var = ref.running_stats()
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_the_runs_match_the_float64_reference(runs, name):
+  # Every step of the uninterrupted run (a wrapper's skipped steps never
+  # reach the transform it wraps), and the rule acted on both sides of
+  # each save, so that the restored state decided.
+  e = TRANSFORMS[name]
+  ref, skip_ref = e.reference(), wrapper_reference(name)
+  keys = sorted(cw.DTYPES)  # jax.tree.leaves order of a dict
+  history = runs[0][f"{name}_after"]["history"]
+  clipped_at = []
+  for t in range(cw.STEPS):
+    g64 = _grads64(t)
+    leaves = [g64[k] for k in keys]
+    state = history[t]
+    if skip_ref is not None:
+      skip = skip_ref.step(tree_norm64(leaves))["skip"]
+      assert int(state.skipped) == skip, t
+      if skip:
+        continue
+    s = chain_state(name, state)[0]
+    scales = ref.step(leaves)
+    np.testing.assert_allclose(float(s.grad_norm), tree_norm64(leaves),
+                               rtol=1e-5, err_msg=t)
+    np.testing.assert_allclose(
+        float(s.clipped_norm),
+        tree_norm64([x * f for x, f in zip(leaves, scales, strict=True)]),
+        rtol=1e-4, err_msg=t)
+    assert int(s.count) == ref.count, t
+    if min(scales) < 1:
+      clipped_at.append(t)
+    _assert_own_state(e.kind, s, ref.model, t)
+  if skip_ref is not None:
+    assert skip_ref.skips >= 2
+  if not e.clips:
+    assert not clipped_at
+    return
+  for case, c in cw.CASES.items():
+    if c.name == name:
+      assert max(clipped_at) >= c.save_at, case
+      if c.save_at > e.warmup:
+        assert min(clipped_at) < c.save_at, case
+
+
+def _assert_own_state(kind, s, model, t):
+  """The statistics of each kind's state, against its reference's."""
+  if kind == "zclip":
+    assert int(s.spike_count) == model.spikes, t
+    mean, var = model.running_stats()
     np.testing.assert_allclose(float(s.mean), mean, rtol=1e-5, err_msg=t)
     np.testing.assert_allclose(float(s.var), var, rtol=1e-3, atol=1e-6,
                                err_msg=t)
-    if t == c.save_at - 1 and case == "zclip_warmup":
-      assert not ref.initialized  # saved in the middle of the warm-up
-  # Spikes on both sides of the save, so the restored statistics decided.
-  if case == "zclip_after":
-    assert any(t < c.save_at for t in spikes_at)
-    assert any(t >= c.save_at for t in spikes_at)
-  assert spikes_at and max(spikes_at) >= c.save_at
-
-
-@pytest.mark.parametrize("case", ["adagc_warmup", "adagc_after"])
-def test_adagc_runs_match_the_reference(runs, case):
-  ours = runs[0][case]
-  c = cw.CASES[case]
-  ref = AdaGCRef(warmup_steps=10)
-  keys = sorted(cw.DTYPES)  # jax.tree.leaves order of a dict
-  clipped_at = []
-  for t in range(c.steps):
-    ref.step([_grads64(t)[k] for k in keys])
-    s = ours["history"][t]
-    for i, k in enumerate(keys):
-      np.testing.assert_allclose(float(s.gamma[k]), ref.gamma[i], rtol=1e-5,
-                                 err_msg=f"{k} at {t}")
-    assert int(s.num_clipped) == sum(ref.clipped), t
-    assert int(s.count) == ref.steps, t
-    if t >= ref.warmup_steps and any(ref.clipped):
-      clipped_at.append(t)
-  # The per-tensor rule clipped after the save, so the restored gammas
-  # decided (and, for the save after warm-up, before it too).
-  assert max(clipped_at) >= c.save_at
-  if case == "adagc_after":
-    assert min(clipped_at) < c.save_at
-
-
-def test_autoclip_run_matches_the_reference(runs):
-  ours = runs[0]["autoclip"]
-  c = cw.CASES["autoclip"]
-  ref = AutoClipRef(window=16)
-  for t in range(c.steps):
-    _, thr = ref.step(tree_norm64(_grads64(t).values()))
-    s = ours["history"][t]
-    np.testing.assert_allclose(float(s.threshold), thr, rtol=1e-5, err_msg=t)
-  # The ring buffer holds the last 16 norms, slot t % 16 for norm t.
-  want = np.empty(16)
-  for t, g in enumerate(ref.norms):
-    want[t % 16] = g
-  np.testing.assert_allclose(np.asarray(ours["final"]["opt_state"][0].history),
-                             want, rtol=1e-6)
+  elif kind == "adagc":
+    for i, k in enumerate(sorted(cw.DTYPES)):
+      np.testing.assert_allclose(float(s.gamma[k]), model.gamma[i],
+                                 rtol=1e-5, err_msg=f"{k} at {t}")
+    assert int(s.num_clipped) == sum(model.clipped), t
+  elif kind == "autoclip":
+    thr = float(np.percentile(model.norms[-model.window:], model.percentile))
+    np.testing.assert_allclose(float(s.threshold), thr, rtol=1e-5,
+                               err_msg=t)
+    # The ring buffer holds the last `window` norms, slot i % window for
+    # norm i.
+    filled = np.asarray(s.history)[[i % model.window for i in range(
+        max(0, len(model.norms) - model.window), len(model.norms))]]
+    np.testing.assert_allclose(filled, model.norms[-model.window:],
+                               rtol=1e-6, err_msg=t)
+  elif kind == "clip":
+    assert int(s.clipped_count) == model.clipped_count, t
+    assert float(s.threshold) == np.float32(model.threshold), t

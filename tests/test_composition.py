@@ -4,17 +4,22 @@
 real step), `optax.apply_if_finite` (a skipped step leaves the clipping state
 bit-identical, and giving up on NaNs does not poison it), `optax.masked` and
 ``None`` leaves (clipping sees only the other leaves) and
-`optax.inject_hyperparams` with a schedule for ``z_thresh``.
+`optax.inject_hyperparams` (the same steps with injected hyperparameters,
+and one of them on a schedule), for every clipping transform of the registry
+(transforms.py); ZClip's ``z_thresh`` schedule is checked in detail.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from references import SEQ, AdaGCRef, AutoClipRef, ZClipRef, tree_norm64
+from references import SEQ, ZClipRef, tree_norm64
+from transforms import CLIPPERS, TRANSFORMS
 
 import optax_zclip
 
@@ -38,6 +43,12 @@ def _params0():
   return {k: jnp.ones(v.shape, jnp.float32) for k, v in SEQ[0].items()}
 
 
+def _ref_scales(name):
+  """A fresh float64 reference of ``name``: leaves -> scale per leaf."""
+  ref = TRANSFORMS[name].reference()
+  return ref, ref.step
+
+
 def _sgd_step(tx):
 
   @jax.jit
@@ -52,39 +63,44 @@ def _sgd_step(tx):
 # optax.MultiSteps
 
 
-def test_multisteps_clips_the_mean_gradient_once_per_real_step():
-  k, cfg = 3, dict(warmup_steps=4, max_grad_norm=None)
-  tx = optax.MultiSteps(optax.chain(optax_zclip.zclip(**cfg), optax.sgd(LR)),
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_multisteps_clips_the_mean_gradient_once_per_real_step(name):
+  k, kind = 3, TRANSFORMS[name].kind
+  tx = optax.MultiSteps(optax.chain(TRANSFORMS[name].make(), optax.sgd(LR)),
                         every_k_schedule=k)
   step = _sgd_step(tx)
   params = _params0()
   state = tx.init(params)
-  ref = ZClipRef(**cfg)
+  ref, ref_scales = _ref_scales(name)
+  clipped = 0
   want = {key: np.ones(v.shape) for key, v in SEQ[0].items()}
   real_steps = 0
   for i in range(0, 90, k):
     micro = SEQ[i:i + k]
     for j, grads in enumerate(micro):
-      before_params, before_zclip = params, state.inner_opt_state[0]
+      before_params, before_clip = params, state.inner_opt_state[0]
       params, state = step(params, state, grads)
-      if j < k - 1:  # a micro-step: nothing applied, ZClip untouched
+      if j < k - 1:  # a micro-step: nothing applied, the clipping untouched
         _assert_bit_identical(params, before_params, f"micro {i + j}")
-        _assert_bit_identical(state.inner_opt_state[0], before_zclip,
+        _assert_bit_identical(state.inner_opt_state[0], before_clip,
                               f"micro {i + j}")
     real_steps += 1
     mean = {key: np.mean([np.asarray(m[key], np.float64) for m in micro],
                          axis=0) for key in KEYS}
     g = tree_norm64(mean.values())
-    scale = ref.step(g)["scale"]
-    for key in KEYS:
+    scales = ref_scales([mean[key] for key in KEYS])
+    clipped += min(scales) < 1
+    for key, scale in zip(KEYS, scales, strict=True):
       want[key] = want[key] - LR * scale * mean[key]
       np.testing.assert_allclose(params[key], want[key], rtol=2e-6,
                                  atol=2e-6, err_msg=f"real step {real_steps}")
     s = optax_zclip.stats(state)
-    np.testing.assert_allclose(float(s["zclip/grad_norm"]), g, rtol=2e-6)
-    assert int(s["zclip/count"]) == real_steps
-    assert int(s["zclip/spike_count"]) == ref.spikes
-  assert ref.spikes >= 2 and real_steps == 30
+    np.testing.assert_allclose(float(s[f"{kind}/grad_norm"]), g, rtol=2e-6)
+    assert int(s[f"{kind}/count"]) == real_steps == ref.count
+    if kind == "zclip":
+      assert int(s["zclip/spike_count"]) == ref.model.spikes
+  assert real_steps == 30
+  assert clipped >= 2 if TRANSFORMS[name].clips else clipped == 0
 
 
 # --------------------------------------------------------------------------
@@ -97,37 +113,38 @@ def _poison(grads, value=np.nan):
   return bad
 
 
-def _zclip_sgd_if_finite(cfg):
-  """``(step, params, state)`` of apply_if_finite(chain(zclip, sgd), 2)."""
-  tx = optax.apply_if_finite(
-      optax.chain(optax_zclip.zclip(**cfg), optax.sgd(LR)),
-      max_consecutive_errors=2)
+def _sgd_if_finite(clip):
+  """``(step, params, state)`` of apply_if_finite(chain(clip, sgd), 2)."""
+  tx = optax.apply_if_finite(optax.chain(clip, optax.sgd(LR)),
+                             max_consecutive_errors=2)
   params = _params0()
   return _sgd_step(tx), params, tx.init(params)
 
 
-@pytest.mark.parametrize("at", [3, 20])  # in ZClip's warm-up, after it
-def test_apply_if_finite_skips_a_nan_step_and_zclip_state_is_untouched(at):
-  cfg = dict(warmup_steps=5)
-  step, params, state = _zclip_sgd_if_finite(cfg)
+@pytest.mark.parametrize("at", [3, 20])  # in the warm-ups, after them
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_apply_if_finite_skips_a_nan_step_and_the_clip_state_is_untouched(
+    name, at):
+  kind = TRANSFORMS[name].kind
+  step, params, state = _sgd_if_finite(TRANSFORMS[name].make())
   clean_params, clean_state = params, state
-  ref = ZClipRef(**cfg)
+  ref, ref_scales = _ref_scales(name)
   want = {key: np.ones(v.shape) for key, v in SEQ[0].items()}
   for t, grads in enumerate(SEQ[:45]):
     if t == at:
       for value in (np.nan, np.inf):  # two bad steps in a row, both skipped
-        before_params, before_zclip = params, state.inner_state[0]
+        before_params, before_clip = params, state.inner_state[0]
         params, state = step(params, state, _poison(grads, value))
         _assert_bit_identical(params, before_params, "skipped step")
-        _assert_bit_identical(state.inner_state[0], before_zclip,
-                              "ZClip state across the skipped step")
+        _assert_bit_identical(state.inner_state[0], before_clip,
+                              "clipping state across the skipped step")
       assert int(state.notfinite_count) == 2
       assert int(state.total_notfinite) == 2
       assert not bool(state.last_finite)
     params, state = step(params, state, grads)
     clean_params, clean_state = step(clean_params, clean_state, grads)
-    scale = ref.step(tree_norm64(grads.values()))["scale"]
-    for key in KEYS:
+    scales = ref_scales([grads[key] for key in KEYS])
+    for key, scale in zip(KEYS, scales, strict=True):
       want[key] = want[key] - LR * scale * np.asarray(grads[key], np.float64)
   assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 2
   # As if the bad steps had not happened: equal to the run without them...
@@ -136,66 +153,64 @@ def test_apply_if_finite_skips_a_nan_step_and_zclip_state_is_untouched(at):
   # ...which is the float64 reference's run.
   for key in KEYS:
     np.testing.assert_allclose(params[key], want[key], rtol=1e-5, atol=1e-6)
-  zs = state.inner_state[0]
-  assert int(zs.spike_count) == ref.spikes >= 2
-  assert int(zs.nonfinite_count) == 0  # ZClip never saw the bad steps
-  np.testing.assert_allclose(float(zs.mean), ref.mean, rtol=1e-5)
+  cs = state.inner_state[0]
+  assert int(cs.nonfinite_count) == 0  # the clipping never saw the bad steps
+  assert int(cs.count) == ref.count == 45
+  if kind == "zclip":
+    assert int(cs.spike_count) == ref.model.spikes >= 2
+    np.testing.assert_allclose(float(cs.mean), ref.model.mean, rtol=1e-5)
 
 
-def test_when_apply_if_finite_gives_up_zclip_statistics_stay_clean():
-  # After max_consecutive_errors skipped steps the NaN reaches ZClip: it
-  # passes through (the params are lost, as without ZClip), but ZClip's own
-  # statistics stay finite and carry on as if the NaNs had never come.
-  cfg = dict(warmup_steps=5)
-  step, params, state = _zclip_sgd_if_finite(cfg)
-  ref = ZClipRef(**cfg)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_when_apply_if_finite_gives_up_the_clip_statistics_stay_clean(name):
+  # After max_consecutive_errors skipped steps the NaN reaches the clipping:
+  # it passes through (the params are lost, as without clipping), but the
+  # clipping's own statistics stay finite and carry on as if the NaNs had
+  # never come (as the reference's, which sees the NaN step too).
+  kind = TRANSFORMS[name].kind
+  step, params, state = _sgd_if_finite(TRANSFORMS[name].make())
+  ref, ref_scales = _ref_scales(name)
   for grads in SEQ[:20]:
     params, state = step(params, state, grads)
-    ref.step(tree_norm64(grads.values()))
+    ref_scales([grads[key] for key in KEYS])
   before = state.inner_state[0]
   for _ in range(3):
     params, state = step(params, state, _poison(SEQ[20]))
+  ref_scales([_poison(SEQ[20])[key] for key in KEYS])
   assert int(state.total_notfinite) == 3
-  zs = state.inner_state[0]
-  assert int(zs.nonfinite_count) == 1  # the third one got through
-  assert np.isnan(float(zs.grad_norm))
-  for f in ("count", "mean", "var", "spike_count"):
-    np.testing.assert_array_equal(_bits(getattr(zs, f)),
-                                  _bits(getattr(before, f)), err_msg=f)
+  cs = state.inner_state[0]
+  assert int(cs.nonfinite_count) == ref.nonfinite_count == 1  # the third
+  assert np.isnan(float(cs.grad_norm))
+  np.testing.assert_array_equal(_bits(cs.count), _bits(before.count))
+  if kind == "zclip":
+    for f in ("mean", "var", "spike_count"):
+      np.testing.assert_array_equal(_bits(getattr(cs, f)),
+                                    _bits(getattr(before, f)), err_msg=f)
   assert np.isnan(np.asarray(params["w2"])).any()  # sgd applied the NaN
   for grads in SEQ[20:60]:
     params, state = step(params, state, grads)
-    r = ref.step(tree_norm64(grads.values()))
-    zs = state.inner_state[0]
-    np.testing.assert_allclose(float(zs.clipped_norm) / float(zs.grad_norm),
-                               r["scale"], rtol=1e-5)
-  assert int(zs.spike_count) == ref.spikes >= 3
-  np.testing.assert_allclose(float(zs.mean), ref.mean, rtol=1e-5)
-  np.testing.assert_allclose(float(zs.var), ref.var, rtol=1e-4)
+    scales = ref_scales([grads[key] for key in KEYS])
+    cs = state.inner_state[0]
+    np.testing.assert_allclose(
+        float(cs.clipped_norm),
+        tree_norm64([np.asarray(grads[key], np.float64) * s
+                     for key, s in zip(KEYS, scales, strict=True)]),
+        rtol=1e-5)
+  assert int(cs.count) == ref.count == 60  # the NaN step is not one
+  if kind == "zclip":
+    assert int(cs.spike_count) == ref.model.spikes >= 3
+    np.testing.assert_allclose(float(cs.mean), ref.model.mean, rtol=1e-5)
+    np.testing.assert_allclose(float(cs.var), ref.model.var, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------
 # optax.masked and None leaves
 
 
-def _clip_and_ref(kind):
-  """A transform, its reference, and the reference's scale per leaf."""
-  if kind == "zclip":
-    ref = ZClipRef(warmup_steps=5)
-    return (optax_zclip.zclip(warmup_steps=5), ref,
-            lambda leaves: [ref.step(tree_norm64(leaves))["scale"]]
-            * len(leaves))
-  if kind == "adagc":
-    ref = AdaGCRef(warmup_steps=5)
-    return optax_zclip.adagc(warmup_steps=5), ref, ref.step
-  ref = AutoClipRef(percentile=30.0, window=8)
-  return (optax_zclip.autoclip(percentile=30.0, window=8), ref,
-          lambda leaves: [ref.step(tree_norm64(leaves))[0]] * len(leaves))
-
-
-@pytest.mark.parametrize("kind", ["zclip", "adagc", "autoclip"])
-def test_masked_clipping_sees_only_the_unmasked_leaves(kind):
-  clip, _, ref_scales = _clip_and_ref(kind)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_masked_clipping_sees_only_the_unmasked_leaves(name):
+  clip = TRANSFORMS[name].make()
+  _, ref_scales = _ref_scales(name)
   mask = {"w1": True, "b1": False, "w2": True}
   seen = ["w1", "w2"]
   tx = optax.masked(clip, mask)
@@ -216,12 +231,13 @@ def test_masked_clipping_sees_only_the_unmasked_leaves(kind):
         float(state.inner_state.grad_norm),
         tree_norm64([grads[k] for k in seen]), rtol=1e-6)
     scaled_down += min(scales) < 1
-  assert scaled_down >= 3
+  assert scaled_down >= 3 if TRANSFORMS[name].clips else scaled_down == 0
 
 
-@pytest.mark.parametrize("kind", ["zclip", "adagc", "autoclip"])
-def test_none_leaves_are_kept_and_not_counted(kind):
-  clip, _, ref_scales = _clip_and_ref(kind)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_none_leaves_are_kept_and_not_counted(name):
+  clip = TRANSFORMS[name].make()
+  _, ref_scales = _ref_scales(name)
   params = {"w1": jnp.ones((7, 5)), "frozen": None,
             "deep": [None, {"w2": jnp.ones((3, 2, 4)), "n": None}]}
   tx = optax.chain(clip, optax.sgd(LR))
@@ -287,3 +303,41 @@ def test_inject_hyperparams_with_a_z_thresh_schedule():
   np.testing.assert_allclose(float(zs.mean), ref.mean, rtol=1e-5)
   # The schedule mattered: a fixed z_thresh of 3.0 flags fewer spikes.
   assert ref.spikes > fixed.spikes >= 5
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_inject_hyperparams_every_transform_with_a_schedule(name):
+  # Every numeric argument injected (the static ones, such as a window size,
+  # left as they are), and the one the entry names on a schedule: from its
+  # value down to 60% of it over 90 steps. The reference is told each
+  # step's value.
+  e = TRANSFORMS[name]
+  config = dict(e.config)
+  if e.scheduled is not None:
+    start = config.pop(e.scheduled, inspect.signature(e.factory)
+                       .parameters[e.scheduled].default)
+    config[e.scheduled] = lambda count: start * (
+        1.0 - 0.4 * jnp.minimum(count, 90) / 90)
+  tx = optax.inject_hyperparams(e.factory, static_args=e.static_args)(
+      **config)
+  params = {k: jnp.zeros(v.shape) for k, v in SEQ[0].items()}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  ref, ref_scales = _ref_scales(name)
+  clipped = 0
+  for t, grads in enumerate(SEQ):
+    if e.scheduled is not None:
+      value = start * (1.0 - 0.4 * min(t, 90) / 90)  # float64
+      setattr(ref.model, e.scheduled, value)
+    out, state = update(grads, state, params)
+    if e.scheduled is not None:
+      np.testing.assert_allclose(float(state.hyperparams[e.scheduled]),
+                                 value, rtol=1e-6)
+    scales = ref_scales([grads[key] for key in KEYS])
+    clipped += min(scales) < 1
+    for key, s in zip(KEYS, scales, strict=True):
+      np.testing.assert_allclose(np.asarray(out[key], np.float64),
+                                 np.asarray(grads[key], np.float64) * s,
+                                 rtol=1e-4, atol=1e-8, err_msg=f"{key} {t}")
+    assert int(state.inner_state.count) == ref.count
+  assert clipped >= 3 if e.clips else clipped == 0

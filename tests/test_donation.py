@@ -17,7 +17,10 @@ run.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ import pytest
 from flax import nnx
 from references import tree_norm64
 from transforms import (
+  CLIPPERS,
   FACTORIES,
   SPIKE,
   TRANSFORMS,
@@ -37,8 +41,8 @@ from transforms import (
   grads_at,
   loss_at,
   params0,
-  reference,
   with_adamw,
+  wrapper_reference,
 )
 
 import optax_zclip
@@ -71,6 +75,39 @@ def test_the_catalog_covers_every_public_transform():
                 inspect.signature(getattr(optax_zclip, name))
                 .return_annotation)}
   assert public == FACTORIES
+
+
+# The suites that must hold for every transform, run over the registry: each
+# runs every clipping entry (CLIPPERS) at least, parametrized by "name" or by
+# "case", and so every transform added to the registry.
+REGISTRY_SUITES = [
+    "test_overflow.py", "test_odd_trees.py", "test_properties.py",
+    "test_long_runs.py", "test_composition.py", "test_checkpoint.py",
+    "test_donation.py", "test_errors.py", "multidevice/test_sharded.py",
+    "multidevice/test_overflow_sharded.py",
+    "multidevice/test_donation_sharded.py"]
+
+
+@pytest.mark.parametrize("path", REGISTRY_SUITES)
+def test_each_registry_suite_runs_every_entry(path):
+  here = pathlib.Path(__file__).resolve().parent
+  # Loaded afresh under a name of its own (the multi-device files are not
+  # collected in this process); nothing runs but their definitions.
+  name = "_suite_" + path.replace("/", "_")[:-3]
+  spec = importlib.util.spec_from_file_location(name, here / path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # for its dataclasses
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    del sys.modules[name]
+  names = set()
+  for obj in vars(module).values():
+    for mark in getattr(obj, "pytestmark", []):
+      if mark.name == "parametrize" and mark.args[0] in ("name", "case"):
+        names.update(mark.args[1])
+  missing = set(CLIPPERS) - names
+  assert not missing, f"{path} does not run {sorted(missing)}"
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
@@ -127,7 +164,7 @@ def test_jax_jit_with_params_and_state_donated(name):
   step = _make_step(tx, traces)
   params = params0()
   state = tx.init(params)  # a fresh state, donated on the very first step
-  ref = reference(name)
+  ref = wrapper_reference(name)
   for t in range(STEPS):
     # AdamW's moments and the params: gradient-sized, updated in place.
     old = jax.tree.leaves((params, chain_state(name, state)[1]))
@@ -189,7 +226,7 @@ def test_nnx_jit_with_model_and_optimizer_donated(name):
   optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
   traces = []
   train_step = _nnx_step(traces)
-  ref = reference(name)
+  ref = wrapper_reference(name)
   for t in range(STEPS):
     old = jax.tree.leaves((nnx.state(model),
                            chain_state(name, optimizer.opt_state)[1]))

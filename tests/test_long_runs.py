@@ -5,11 +5,15 @@ tens of thousands of steps; an int32 counter that wraps would put a run back
 into warm-up. Each long run feeds ZClip a one-element gradient whose value
 (the global norm) comes from a formula of the step counter, with a slow
 decay, two periodic wiggles and two trains of periodic spikes, and compares
-every step with the float64 reference fed the same norms.
+every step with the float64 reference fed the same norms; every clipping
+transform of the registry (transforms.py) runs as long, on a two-leaf
+gradient, against its own float64 reference, and has its counters driven to
+int32's end.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from references import AdaGCRef, AutoClipRef, ZClipRef
+from transforms import CLIPPERS, TRANSFORMS
 
 import optax_zclip
 
@@ -213,3 +218,81 @@ def test_autoclip_reference_agrees_before_saturation():
     np.testing.assert_allclose(float(state.threshold), thr, rtol=1e-6)
     if math.isfinite(g):
       np.testing.assert_allclose(float(out[0]), g * scale, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Every clipping transform of the registry: a long scanned run, and its
+# counters at int32's end.
+
+
+def _leaf_norm_at(t):
+  """A second leaf's value at step ``t``: another drift, other spikes."""
+  tf = t.astype(jnp.float32)
+  base = 0.6 + 0.2 * jnp.cos(tf / 31.0) + 0.1 * jnp.exp(-tf / 2500.0)
+  return base * jnp.where(t % 613 == 300, 12.0, 1.0)
+
+
+@functools.cache
+def _registry_scan(name):
+  """``name``'s transform over N steps of a two-leaf gradient, under one
+  jitted `jax.lax.scan`: the leaves fed and the leaves out, per step."""
+  tx = TRANSFORMS[name].make()
+
+  def body(state, t):
+    grads = [jnp.stack([_norm_at(t)]), jnp.stack([_leaf_norm_at(t)])]
+    out, state = tx.update(grads, state)
+    return state, (jnp.concatenate(grads), jnp.concatenate(out))
+
+  state, (fed, out) = jax.jit(lambda: jax.lax.scan(
+      body, tx.init([jnp.zeros(1)] * 2), jnp.arange(N)))()
+  return state, np.asarray(fed, np.float64), np.asarray(out, np.float64)
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_every_transform_tracks_its_float64_reference_for_20000_steps(name):
+  state, fed, out = _registry_scan(name)
+  ref = TRANSFORMS[name].reference()
+  # The reference is fed the very float32 values the transform saw.
+  scales = np.asarray([ref.step([x[:1], x[1:]]) for x in fed])
+  # Every step's factors, to float32 rounding: a decision that float32 and
+  # float64 take differently is one where the norm is at its limit, where
+  # the factor is 1 either way.
+  np.testing.assert_allclose(out / fed, scales, rtol=1e-4)
+  assert int(state.count) == ref.count == N
+  assert int(state.nonfinite_count) == ref.nonfinite_count == 0
+  clipped = np.flatnonzero(scales.min(axis=1) < 1 - 1e-3)
+  if TRANSFORMS[name].clips:
+    # The late spikes are still clipped: nothing drifted off.
+    assert {t for t in range(N) if t % 997 == 500 or t % 613 == 300
+            } - {0} <= set(clipped), name
+  else:
+    assert clipped.size == 0
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_every_transforms_counters_saturate_at_the_int32_maximum(name):
+  e = TRANSFORMS[name]
+  tx = e.make()
+  update = jax.jit(tx.update)
+  state = tx.init(jnp.zeros(1))
+  # Past the warm-up, with a full history (AutoClip's window: a count at
+  # int32's end says the whole ring buffer is valid).
+  history = [1.0, 1.2, 0.9, 1.1, 1.0] * 4
+  assert max(e.warmup, e.config.get("window", 0)) < len(history)
+  for g in history:
+    _, state = update(jnp.array([g]), state)
+  # Every int32 scalar of the state (the counters), one step from the end.
+  near = {f: jnp.asarray(IMAX - 1, jnp.int32)
+          for f, x in state._asdict().items()
+          if getattr(x, "dtype", None) == jnp.int32 and x.shape == ()}
+  assert {"count", "nonfinite_count"} <= set(near)
+  state = state._replace(**near)
+  for g in FEED:
+    out, state = update(jnp.array([g], jnp.float32), state)
+    for f in near:  # saturated (or reset, as a run of spikes), not wrapped
+      assert 0 <= int(getattr(state, f)) <= IMAX, f
+    if math.isfinite(g):
+      assert 0 < float(out[0]) <= g * (1 + 1e-6)
+    else:  # passed through, for optax.apply_if_finite
+      np.testing.assert_array_equal(np.asarray(out), np.float32([g]))
+  assert int(state.count) == IMAX and int(state.nonfinite_count) == IMAX

@@ -1,12 +1,13 @@
 """Odd gradient trees: mixed dtypes, empty and scalar leaves, custom nodes.
 
-For `zclip`, `adagc` and `autoclip`, on one tree holding float32, bfloat16,
-float16 and complex64 leaves, zero-size leaves of shapes ``(0,)`` and
-``(3, 0)``, scalars, nested dicts / lists / tuples, a class registered with
-`jax.tree_util.register_pytree_node_class` and a dataclass registered with
-`jax.tree_util.register_dataclass`: the output keeps the tree's structure and
-every leaf's dtype and shape, the statistics are float32, the norm is the
-float64 NumPy norm, and each leaf is scaled as the float64 reference says.
+For every clipping transform of the registry (transforms.py), on one tree
+holding float32, bfloat16, float16 and complex64 leaves, zero-size leaves
+of shapes ``(0,)`` and ``(3, 0)``, scalars, nested dicts / lists / tuples,
+a class registered with `jax.tree_util.register_pytree_node_class` and a
+dataclass registered with `jax.tree_util.register_dataclass`: the output
+keeps the tree's structure and every leaf's dtype and shape, the statistics
+are float32 (the counters int32), the norm is the float64 NumPy norm, and
+each leaf is scaled as the float64 reference says.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from references import AdaGCRef, AutoClipRef, ZClipRef
-
-import optax_zclip
+from transforms import CLIPPERS, TRANSFORMS
 
 
 @jax.tree_util.register_pytree_node_class
@@ -106,39 +105,32 @@ RTOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.complex64): 1e-5,
         jnp.dtype(jnp.float16): 2e-3, jnp.dtype(jnp.bfloat16): 1e-2}
 
 
-def _transform_and_reference(kind):
-  """The transform, and a function from float64 leaves to reference scales."""
-  if kind == "zclip":
-    ref = ZClipRef(warmup_steps=3, max_grad_norm=None)
-    return (optax_zclip.zclip(warmup_steps=3, max_grad_norm=None), ref,
-            lambda leaves: [ref.step(_norm64(leaves))["scale"]] * len(leaves))
-  if kind == "adagc":
-    ref = AdaGCRef(warmup_steps=3, max_grad_norm=0.5)
-    return (optax_zclip.adagc(warmup_steps=3, max_grad_norm=0.5), ref,
-            lambda leaves: ref.step([np.abs(x) for x in leaves]))
-  ref = AutoClipRef(percentile=50.0, window=4)
-  return (optax_zclip.autoclip(percentile=50.0, window=4), ref,
-          lambda leaves: [ref.step(_norm64(leaves))[0]] * len(leaves))
+def _transform_and_reference(name):
+  """The transform, its reference, and a function from float64 leaves to
+  the reference's scales."""
+  e = TRANSFORMS[name]
+  ref = e.reference()
+  return e.make(), ref, lambda leaves: ref.step([np.abs(x) for x in leaves])
 
 
-STATE_DTYPES = {
-    "zclip": dict(count=jnp.int32, mean=jnp.float32, var=jnp.float32,
-                  grad_norm=jnp.float32, clipped_norm=jnp.float32,
-                  z_score=jnp.float32, threshold=jnp.float32,
-                  spike_count=jnp.int32, nonfinite_count=jnp.int32),
-    "adagc": dict(count=jnp.int32, grad_norm=jnp.float32,
-                  clipped_norm=jnp.float32, num_clipped=jnp.int32,
-                  nonfinite_count=jnp.int32),
-    "autoclip": dict(count=jnp.int32, history=jnp.float32,
-                     grad_norm=jnp.float32, clipped_norm=jnp.float32,
-                     threshold=jnp.float32, nonfinite_count=jnp.int32),
-}
+def _assert_state_dtypes(state, init):
+  """Statistics in float32, counters in int32, whatever the tree holds: the
+  dtypes of ``init`` (made from the tree), which are those two."""
+  for (path, x), x0 in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                           jax.tree.leaves(init), strict=True):
+    where = jax.tree_util.keystr(path)
+    assert x.dtype == x0.dtype in (jnp.int32, jnp.float32), where
+  for f in ("grad_norm", "clipped_norm"):
+    assert getattr(state, f).dtype == jnp.float32, f
+  for f in ("count", "nonfinite_count"):
+    assert getattr(state, f).dtype == jnp.int32, f
 
 
-@pytest.mark.parametrize("kind", ["zclip", "adagc", "autoclip"])
-def test_odd_tree_structure_dtypes_norm_and_scales(kind):
-  tx, ref, ref_scales = _transform_and_reference(kind)
-  state = tx.init(_tree(0))
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_odd_tree_structure_dtypes_norm_and_scales(name):
+  kind = TRANSFORMS[name].kind
+  tx, ref, ref_scales = _transform_and_reference(name)
+  state = init = tx.init(_tree(0))
   update = jax.jit(tx.update)
   clipped_steps = 0
   for t in range(STEPS):
@@ -150,9 +142,8 @@ def test_odd_tree_structure_dtypes_norm_and_scales(kind):
     for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(grads),
                     strict=True):
       assert x.dtype == y.dtype and x.shape == y.shape
-    # Statistics in float32 (int32 counters), scalars.
-    for f, dt in STATE_DTYPES[kind].items():
-      assert getattr(state, f).dtype == dt, f
+    # Statistics in float32 (int32 counters).
+    _assert_state_dtypes(state, init)
     # The norm, accumulated in float32, is the float64 norm.
     leaves = _leaves64(grads)
     np.testing.assert_allclose(float(state.grad_norm), _norm64(leaves),
@@ -169,31 +160,39 @@ def test_odd_tree_structure_dtypes_norm_and_scales(kind):
         _norm64([x * s for x, s in zip(leaves, scales, strict=True)]),
         rtol=1e-5)
     clipped_steps += min(scales) < 1
-  assert clipped_steps >= 2
+  assert (int(state.count), int(state.nonfinite_count)) == (STEPS, 0)
+  assert clipped_steps >= 2 if TRANSFORMS[name].clips else clipped_steps == 0
   if kind == "zclip":
-    assert int(state.spike_count) == ref.spikes == 2
+    assert int(state.spike_count) == ref.model.spikes == 2
+  if kind == "clip":
+    assert int(state.clipped_count) == clipped_steps
   if kind == "adagc":
     # gamma: the gradient's structure, one float32 scalar per leaf (inf for
     # the empty leaves, which never had a non-zero norm).
     assert jax.tree.structure(state.gamma) == jax.tree.structure(_tree(0))
     gammas = jax.tree.leaves(state.gamma)
     assert all(g.dtype == jnp.float32 and g.shape == () for g in gammas)
-    np.testing.assert_allclose(np.asarray(gammas, np.float64), ref.gamma,
-                               rtol=1e-4)
-    assert sum(np.isinf(ref.gamma)) == 2
+    np.testing.assert_allclose(np.asarray(gammas, np.float64),
+                               ref.model.gamma, rtol=1e-4)
+    assert sum(np.isinf(ref.model.gamma)) == 2
 
 
-@pytest.mark.parametrize("kind", ["zclip", "adagc", "autoclip"])
-def test_a_tree_of_only_empty_and_none_leaves(kind):
-  tx, _, _ = _transform_and_reference(kind)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_a_tree_of_only_empty_and_none_leaves(name):
+  tx, _, _ = _transform_and_reference(name)
   tree = {"a": jnp.zeros((0,), jnp.bfloat16), "b": None,
           "c": [jnp.zeros((3, 0), jnp.float16)], "d": Pair(None, None)}
-  state = tx.init(tree)
+  state = init = tx.init(tree)
   for _ in range(5):
     out, state = jax.jit(tx.update)(tree, state)
   assert jax.tree.structure(out) == jax.tree.structure(tree)
   assert out["a"].dtype == jnp.bfloat16 and out["c"][0].shape == (3, 0)
   assert float(state.grad_norm) == 0.0 and float(state.clipped_norm) == 0.0
   assert int(state.count) == 5 and int(state.nonfinite_count) == 0
-  for f in STATE_DTYPES[kind]:  # no NaN or Inf from 0 / 0
-    assert np.all(np.isfinite(np.asarray(getattr(state, f)))), f
+  _assert_state_dtypes(state, init)
+  # No NaN or Inf from 0 / 0: what was finite at init still is (AdaGC's
+  # gamma of a leaf never seen stays inf, a threshold of None is inf).
+  for (path, x), x0 in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                           jax.tree.leaves(init), strict=True):
+    assert np.all(np.isfinite(np.asarray(x))
+                  | ~np.isfinite(np.asarray(x0))), jax.tree_util.keystr(path)

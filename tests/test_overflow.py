@@ -7,14 +7,15 @@ moving for good. The package recomputes such a norm after rescaling, so a
 finite gradient has a finite norm and is clipped like any spike; only a NaN
 or Inf element makes a step non-finite.
 
-`zclip`, `adagc` and `autoclip` are held to their float64 references
-(references.py) on such steps, with float32, bfloat16 and scalar leaves, and
-AdamW after them must train as float64 AdamW on the reference's clipped
-gradients does.
+Every clipping transform of the registry (transforms.py) is held to its
+float64 reference (references.py) on such steps, with float32, bfloat16 and
+scalar leaves, and AdamW after a transform that clips must train as float64
+AdamW on the reference's clipped gradients does.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,22 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from references import (
-  AdaGCRef,
-  AutoClipRef,
-  ZClipRef,
-  adamw64,
-  make_sequence,
-  tree_norm64,
-)
+from references import ZClipRef, adamw64, make_sequence, tree_norm64
+from transforms import CLIPPERS, TRANSFORMS
 
 import optax_zclip
 from optax_zclip import _numerics
 
 F32_MAX = float(np.finfo(np.float32).max)
 HUGE = 1e20
-WARMUP = 5
-HUGE_AT = 12  # after the warm-up
+HUGE_AT = 12  # after every entry's warm-up
 STEPS = HUGE_AT + 1 + 20  # 20 normal steps after the huge one
 LR = 1e-2
 SHAPES = {"w1": (7, 5), "b1": (5,), "w2": (3, 2, 4), "s": ()}
@@ -69,41 +63,45 @@ def _f64(tree):
   return {k: np.asarray(v, np.float64) for k, v in tree.items()}
 
 
-def _transform_and_reference(kind):
+def _transform_and_reference(name):
   """The transform, and a function from float64 trees to per-leaf scales."""
-  if kind == "zclip":
-    cfg = dict(warmup_steps=WARMUP, max_grad_norm=None)
-    ref = ZClipRef(**cfg)
-    return optax_zclip.zclip(**cfg), lambda tree: dict.fromkeys(
-        tree, ref.step(tree_norm64(tree.values()))["scale"])
-  if kind == "adagc":
-    cfg = dict(warmup_steps=WARMUP, lambda_rel=1.05, beta=0.98,
-               max_grad_norm=1.0)
-    ref = AdaGCRef(**cfg)
-    return optax_zclip.adagc(**cfg), lambda tree: dict(
-        zip(KEYS, ref.step([tree[k] for k in KEYS]), strict=True))
-  cfg = dict(percentile=50.0, window=16)
-  ref = AutoClipRef(**cfg)
-  return optax_zclip.autoclip(**cfg), lambda tree: dict.fromkeys(
-      tree, ref.step(tree_norm64(tree.values()))[0])
+  e = TRANSFORMS[name]
+  ref = e.reference()
+  return e.make(), lambda tree: dict(
+      zip(KEYS, ref.step([tree[k] for k in KEYS]), strict=True))
 
 
-KINDS = ["zclip", "adagc", "autoclip"]
+@functools.cache
+def _jitted(name):
+  """The entry's jitted update and a jitted step of AdamW after it.
 
-
-@pytest.mark.parametrize("huge", ["w1", "b1", "s", "all"],
-                         ids=["f32-leaf", "bf16-leaf", "scalar-leaf", "all"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_huge_finite_step_is_clipped_and_adamw_keeps_training(kind, huge):
-  tx, ref_scales = _transform_and_reference(kind)
+  Built once per entry, so that the cases of a transform share one compile
+  (the transforms hold no Python state; the shapes are the same throughout).
+  """
+  tx = TRANSFORMS[name].make()
   chain = optax.chain(tx, optax.adamw(LR, weight_decay=1e-4))
-  params = {k: jnp.ones(s, jnp.float32) for k, s in SHAPES.items()}
-  state = chain.init(params)
 
   @jax.jit
   def train_step(params, state, grads):
     updates, state = chain.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
+  return jax.jit(tx.update), chain, train_step
+
+
+# The entries that bring a huge norm down (the others only measure it).
+CLIPPING = [name for name in CLIPPERS if TRANSFORMS[name].clips]
+assert all(TRANSFORMS[name].warmup < HUGE_AT for name in CLIPPERS)
+
+
+@pytest.mark.parametrize("huge", ["w1", "b1", "s", "all"],
+                         ids=["f32-leaf", "bf16-leaf", "scalar-leaf", "all"])
+@pytest.mark.parametrize("name", CLIPPING)
+def test_a_huge_finite_step_is_clipped_and_adamw_keeps_training(name, huge):
+  tx, ref_scales = _transform_and_reference(name)
+  step, chain, train_step = _jitted(name)
+  params = {k: jnp.ones(s, jnp.float32) for k, s in SHAPES.items()}
+  state = chain.init(params)
 
   clipped64 = []
   for t, grads in enumerate(_sequence(huge)):
@@ -112,7 +110,7 @@ def test_a_huge_finite_step_is_clipped_and_adamw_keeps_training(kind, huge):
     clipped64.append({k: g64[k] * scales[k] for k in g64})
     if t == HUGE_AT:
       # The clipping alone, jitted and eagerly: the same.
-      jitted = jax.jit(tx.update)(grads, state[0])[0]
+      jitted = step(grads, state[0])[0]
       eager = tx.update(grads, state[0])[0]
       for k in grads:
         assert np.all(np.isfinite(np.asarray(jitted[k], np.float64))), k
@@ -127,7 +125,8 @@ def test_a_huge_finite_step_is_clipped_and_adamw_keeps_training(kind, huge):
       np.testing.assert_allclose(float(clip_state.grad_norm),
                                  tree_norm64(g64.values()), rtol=1e-5)
       assert int(clip_state.nonfinite_count) == 0
-      assert max(scales.values()) < 1e-18 or kind == "adagc"
+      # (Per tensor, only the huge leaves.)
+      assert max(scales.values()) < 1e-18 or TRANSFORMS[name].per_tensor
       assert min(scales.values()) < 1e-18
       assert math.isfinite(float(clip_state.clipped_norm))
     # What went into AdamW has the reference's norm on every step.
@@ -154,10 +153,10 @@ def test_a_huge_finite_step_is_clipped_and_adamw_keeps_training(kind, huge):
     assert np.mean(np.abs(moved)) > 100 * 20 * LR * 1e-4, k
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_outputs_are_the_reference_scales_on_every_step(kind):
-  tx, ref_scales = _transform_and_reference(kind)
-  step = jax.jit(tx.update)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_outputs_are_the_reference_scales_on_every_step(name):
+  tx, ref_scales = _transform_and_reference(name)
+  step = _jitted(name)[0]
   seq = _sequence("all")
   state = tx.init(seq[0])
   for t, grads in enumerate(seq):
@@ -174,11 +173,11 @@ def test_outputs_are_the_reference_scales_on_every_step(kind):
 
 @pytest.mark.parametrize("at", [2, HUGE_AT], ids=["warm-up", "after"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", CLIPPERS)
 def test_a_nan_or_inf_element_next_to_huge_ones_is_still_nonfinite(
-    kind, bad, at):
-  tx, ref_scales = _transform_and_reference(kind)
-  step = jax.jit(tx.update)
+    name, bad, at):
+  tx, ref_scales = _transform_and_reference(name)
+  step = _jitted(name)[0]
   seq = _sequence("w1")
   state = tx.init(seq[0])
   for grads in seq[:at]:
@@ -198,7 +197,7 @@ def test_a_nan_or_inf_element_next_to_huge_ones_is_still_nonfinite(
         np.asarray(out[k], np.float64),
         np.asarray(grads[k], np.float64) * scales[k], rtol=1e-2,
         err_msg=k)
-  if kind != "adagc" or at < WARMUP:
+  if not TRANSFORMS[name].per_tensor or at < TRANSFORMS[name].warmup:
     # Untouched, for optax.apply_if_finite to skip.
     for k in grads:
       np.testing.assert_array_equal(_bits(out[k]), _bits(grads[k]))
@@ -235,7 +234,8 @@ def test_norms_of_huge_leaves_are_the_float64_norms(magnitude, shape, dtype):
                                total64, rtol=1e-5)
 
 
-def test_a_norm_beyond_float32_is_float32_max_and_clipped():
+@pytest.mark.parametrize("name", CLIPPING)
+def test_a_norm_beyond_float32_is_float32_max_and_clipped(name):
   # Elements near float32's max: the norm (about 1e39) exceeds float32 and
   # is reported as its largest value, a finite step that is clipped; the
   # scale underflows to (nearly) 0, and nothing becomes NaN.
@@ -245,25 +245,23 @@ def test_a_norm_beyond_float32_is_float32_max_and_clipped():
   norms = _numerics.leaf_norms(grads)
   assert list(np.asarray(norms)[:2]) == [F32_MAX, F32_MAX]
   assert float(_numerics.norm_of_norms(norms)) == F32_MAX
-  for make in (lambda: optax_zclip.zclip(warmup_steps=2),
-               lambda: optax_zclip.adagc(warmup_steps=2),
-               lambda: optax_zclip.autoclip(window=4)):
-    tx = make()
-    step = jax.jit(tx.update)
-    state = tx.init(grads)
-    normal = jax.tree.map(lambda x: x * 0 + 0.5, grads)
-    for grads_t in (normal, normal, normal, grads, normal):
-      out, state = step(grads_t, state)
-      for x, x_in in zip(jax.tree.leaves(out), jax.tree.leaves(grads_t),
-                         strict=True):
-        x, x_in = np.asarray(x, np.float64), np.asarray(x_in, np.float64)
-        assert np.all(np.isfinite(x)) and np.all(np.abs(x) <= np.abs(x_in))
-      for x in jax.tree.leaves(state):
-        assert not np.any(np.isnan(np.asarray(x))), state
-      if grads_t is grads:
-        assert float(state.grad_norm) == F32_MAX
-        assert int(state.nonfinite_count) == 0
-        assert float(state.clipped_norm) < 1e-30 * F32_MAX
+  tx = TRANSFORMS[name].make()
+  step = jax.jit(tx.update)
+  state = tx.init(grads)
+  normal = jax.tree.map(lambda x: x * 0 + 0.5, grads)
+  # After the warm-up, and a few normal norms for a history to compare with.
+  for grads_t in [normal] * (TRANSFORMS[name].warmup + 4) + [grads, normal]:
+    out, state = step(grads_t, state)
+    for x, x_in in zip(jax.tree.leaves(out), jax.tree.leaves(grads_t),
+                       strict=True):
+      x, x_in = np.asarray(x, np.float64), np.asarray(x_in, np.float64)
+      assert np.all(np.isfinite(x)) and np.all(np.abs(x) <= np.abs(x_in))
+    for x in jax.tree.leaves(state):
+      assert not np.any(np.isnan(np.asarray(x))), state
+    if grads_t is grads:
+      assert float(state.grad_norm) == F32_MAX
+      assert int(state.nonfinite_count) == 0
+      assert float(state.clipped_norm) < 1e-30 * F32_MAX
 
 
 # --------------------------------------------------------------------------

@@ -12,7 +12,10 @@ history before the step (warm-up, or after it, with spikes in it):
   the step, by the reference code's formulas), AutoClip's percentile
   (NumPy's), AdaGC's ``lambda_rel * gamma_i`` (``gamma_i`` the leaf's own
   norm at its first sight), all within float32 rounding (1e-5 relative);
-* a gradient below every limit passes through bit-identical.
+* a gradient below every limit passes through bit-identical;
+* every clipping transform of the registry (transforms.py), as configured
+  there, scales each leaf by the factor its float64 reference gives after
+  the same history.
 
 The history is fed through one jitted `jax.lax.scan` per static
 configuration, with the hyperparameters traced (so hypothesis does not
@@ -29,8 +32,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from transforms import CLIPPERS, TRANSFORMS
 
 import optax_zclip
 
@@ -340,3 +345,47 @@ def test_adagc_scales_each_leaf_by_one_factor_within_its_limit(hp, data,
     assert _norm64([y]) <= limit * (1 + RTOL)
     if n < limit * (1 - RTOL):  # clipped only when n > limit
       _bit_identical([x], [y])
+
+
+# --------------------------------------------------------------------------
+# Every clipping transform of the registry, as configured there
+
+
+@functools.partial(jax.jit, static_argnames=("name", "n"))
+def _registry_history(norms, valid, *, name, n):
+  """The state of ``name``'s transform after the history, on ``n`` one-element
+  stand-in leaves (one column of ``norms`` each): a state for any tree of
+  ``n`` leaves in a list, since the states depend only on the norms."""
+  tx = TRANSFORMS[name].make()
+  state = tx.init([jnp.zeros(1)] * n)
+  return _scan_masked(tx, state, [norms[:, i:i + 1] for i in range(n)], valid)
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+@settings(SETTINGS, max_examples=15)
+@given(data=st.data(), grads=grad_trees())
+def test_every_transform_scales_as_its_float64_reference(name, data, grads):
+  e = TRANSFORMS[name]
+  n = len(grads)
+  history = data.draw(histories(width=L))[:, :n]
+  norms, valid = _pad(history)
+  before = _registry_history(norms, valid, name=name, n=n)
+  ref = e.reference()
+  for row in history:  # the very float32 norms the transform saw
+    ref.step([row[i:i + 1] for i in range(n)])
+  out, after = e.make().update(grads, before)
+  scales = ref.step(grads)
+  assert math.isclose(float(after.grad_norm), _norm64(grads), rel_tol=1e-5,
+                      abs_tol=1e-30)
+  # Each leaf times one factor in (0, 1], and that factor the reference's
+  # (one factor for the whole tree, unless the entry clips per tensor).
+  got = [_check_scaled_copy([x], [y]) for x, y in zip(grads, out,
+                                                      strict=True)]
+  live = [i for i, x in enumerate(grads) if np.any(np.abs(x) > 1e-30)]
+  np.testing.assert_allclose([got[i] for i in live],
+                             [scales[i] for i in live], rtol=1e-4)
+  if not e.per_tensor and live:
+    np.testing.assert_allclose([got[i] for i in live], got[live[0]],
+                               rtol=1e-6)
+  assert _norm64(out) <= _norm64(grads)
+  event("clipped" if min(scales) < 1 - RTOL else "unchanged")

@@ -26,8 +26,8 @@ from transforms import (
   grads_at,
   loss_at,
   params0,
-  reference,
   with_adamw,
+  wrapper_reference,
 )
 
 import optax_zclip
@@ -67,7 +67,7 @@ def _run(name, shardings, init="jit"):
     state = jax.jit(tx.init, out_shardings=out)(params)
   else:
     state = tx.init(params)
-  ref = reference(name)
+  ref = wrapper_reference(name)
   for t in range(STEPS):
     grads = grads_at(t)
     if shardings is not None:
