@@ -66,13 +66,12 @@ def _real_f32(x: jax.Array) -> jax.Array:
   return x.astype(F32)
 
 
-def _leaf_sq_sum(x: jax.Array, factor: Any = None) -> jax.Array:
+def _leaf_sq_sum(x: jax.Array) -> jax.Array:
   # Square in float32: bf16/f16 squares lose most of their mantissa and f16
   # overflows above 256, and a low-precision sum over millions of elements
-  # drifts far from the true value.
+  # drifts far from the true value. XLA fuses the cast, the square and the
+  # sum into one read of ``x``.
   x = _real_f32(x)
-  if factor is not None:
-    x = x * factor
   return jnp.sum(x * x)
 
 
@@ -91,6 +90,38 @@ def _rescale_factor(overflowed: jax.Array) -> jax.Array:
   NaN instead of the norm.
   """
   return jnp.where(overflowed, F32(2.0**-_RESCALE_LOG2), F32(1.0))
+
+
+def _rows(x: jax.Array) -> jax.Array:
+  """``x`` as a matrix whose rows are contiguous (a reshape, not a copy).
+
+  The last axis of an array of rank >= 2; a vector is cut into rows of the
+  largest length <= 1024 that divides it.
+  """
+  if x.ndim >= 2:
+    return x.reshape(-1, x.shape[-1])
+  n = x.size
+  width = max([d for d in range(1, min(n, 1024) + 1) if n % d == 0],
+              default=1)
+  return x.reshape(-1, width)
+
+
+def _leaf_rescaled_sq_sum(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """The sum of the squares of ``x * factor``, for the rescaled pass.
+
+  One read of ``x``: a two-operand reduction (the scaled squares' sum and
+  the largest magnitude, which turns an Inf element into an Inf sum) takes
+  its elementwise producers into its own loop, where XLA:CPU would give a
+  plain sum of ``x * factor`` a materialised broadcast of ``factor`` as large
+  as the leaf. Rows first, then their partial sums, so that the float32
+  accumulation error stays that of a row.
+  """
+  rows = _rows(_real_f32(x))
+  scaled = rows * factor
+  sq, top = jax.lax.reduce(
+      (scaled * scaled, jnp.abs(rows)), (F32(0.0), F32(0.0)),
+      lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
+  return jnp.where(jnp.isinf(jnp.max(top)), jnp.inf, jnp.sum(sq))
 
 
 def _rescaled_norm(sq_sum: jax.Array, factor: jax.Array) -> jax.Array:
@@ -132,7 +163,8 @@ def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
   def rescaled():
     factor = _rescale_factor(jnp.isinf(sq))
     return _rescaled_norm(
-        _psum(sum(_leaf_sq_sum(x, factor) for x in leaves), axis_name), factor)
+        _psum(sum(_leaf_rescaled_sq_sum(x, factor) for x in leaves),
+              axis_name), factor)
 
   return jax.lax.cond(jnp.isinf(sq), rescaled, lambda: jnp.sqrt(sq))
 
@@ -157,8 +189,8 @@ def leaf_norms(tree: Any, axis_name: AxisName = None) -> jax.Array:
   def rescaled():
     factor = _rescale_factor(jnp.any(jnp.isinf(sq)))
     norms = _rescaled_norm(_psum(
-        jnp.stack([_leaf_sq_sum(x, factor) for x in leaves]), axis_name),
-                           factor)
+        jnp.stack([_leaf_rescaled_sq_sum(x, factor) for x in leaves]),
+        axis_name), factor)
     # Leaves that did not overflow keep the first pass's norm (NaN stays NaN).
     return jnp.where(jnp.isinf(sq), norms, jnp.sqrt(sq))
 

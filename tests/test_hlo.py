@@ -172,7 +172,7 @@ def test_a_normal_step_reads_the_gradients_once_for_the_norms(make):
               for name in calls[0].split(",")]
   # ...and that branch does read every gradient, for a sum of squares.
   assert any(
-      "reduce_sum" in body and all(
+      "branch_1_fun/reduce" in body and all(
           re.search(rf"f32\[{','.join(map(str, s))}\]\S* get-tuple-element",
                     body) for s in SHAPES.values())
       for body in branches), branches
@@ -210,10 +210,6 @@ def test_whole_train_step_sees_optax_clip():
   assert got["fusion"] > BARE_STEP["fusion"], (got, BARE_STEP)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "skip_spikes selects AdamW's old or new moments after the update; the "
-    "parameter update recomputes the new moments from the old ones, so XLA "
-    "copies every moment first (docs, Performance guide)."))
 def test_whole_train_step_skip_spikes_adds_no_copy():
   got = _train_step_buffers(
       optax_zclip.skip_spikes(optax.chain(optax_zclip.zclip(),
