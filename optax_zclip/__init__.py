@@ -9,12 +9,15 @@ with the same telemetry; `stats` reads what any of them did from an optimizer
 state, and `spike_score` / `count_spikes` measure the loss spikes they are
 meant to prevent. `skip_spikes` wraps a whole optimizer and skips the steps
 whose loss or gradient norm is an extreme outlier (OLMo-core's rule).
+`replay` runs them over the norms of a run already logged (also a command,
+``python -m optax_zclip.replay LOG``), to see what each would have clipped.
 """
 
 from optax_zclip._adagc import AdaGCState, adagc
 from optax_zclip._autoclip import AutoClipState, autoclip
 from optax_zclip._clip import ClipByGlobalNormState, clip_by_global_norm
 from optax_zclip._metrics import count_spikes, spike_mask, spike_score
+from optax_zclip._replay import replay
 from optax_zclip._skip import SkipSpikesState, skip_spikes
 from optax_zclip._stats import loggable_state, stats
 from optax_zclip._zclip import ZClipState, zclip
@@ -32,6 +35,7 @@ __all__ = [
     "clip_by_global_norm",
     "count_spikes",
     "loggable_state",
+    "replay",
     "skip_spikes",
     "spike_mask",
     "spike_score",

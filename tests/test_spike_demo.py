@@ -70,10 +70,9 @@ def _series(rows, run, seed, branch, key="probe_loss"):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-  out = tmp_path_factory.mktemp("demo")
-  summary = spike_demo.main(TINY + ["--out", str(out)])
-  return out, summary, _rows(out)
+def demo(spike_demo_run):
+  # One run of TINY per session (conftest.py), shared with test_replay.py.
+  return spike_demo_run
 
 
 def test_writes_every_file_with_its_fields(demo):
