@@ -1071,17 +1071,19 @@ def _main(args: argparse.Namespace) -> int:
           f"losses from {log.loss_column!r}" if log.losses else None,
           f"steps from {log.step_column!r}" if log.step_column else
           "no step column: rows numbered from 0"]
-  print(f"Replayed {n} steps ({log.steps[0]} to {log.steps[-1]}) of "
-        f"{args.log} ({log.fmt}): {', '.join(c for c in cols if c)}.")
+  print(_fill(f"Replayed {n} steps ({log.steps[0]} to {log.steps[-1]}) of "
+              f"{args.log} ({log.fmt}): {', '.join(c for c in cols if c)}."))
   if log.left_out:
-    print(f"Left out {log.left_out} rows without a value in "
-          f"{log.norm_column!r} (not a step: the row logged other values).")
+    print(_fill(f"Left out {log.left_out} rows without a value in "
+                f"{log.norm_column!r} (not a step: the row logged other "
+                "values)."))
   for note in log.notes:
-    print(f"Note: {note}.")
+    print(_fill(f"Note: {note}."))
   nonfinite = int(np.sum(~np.isfinite(log.norms)))
   if nonfinite:
-    print(f"{nonfinite} norms are NaN or Inf: non-finite steps, which the "
-          "clipping methods pass through untouched and skip skips.")
+    print(_fill(f"{nonfinite} norms are NaN or Inf: non-finite steps, which "
+                "the clipping methods pass through untouched and skip "
+                "skips."))
   print()
   print(_fill(OPEN_LOOP))
   print()

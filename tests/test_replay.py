@@ -233,7 +233,7 @@ def test_cli_on_a_wandb_csv(tmp_path, capsys):
   # counts are the CSV's.
   flat = " ".join(text.split())
   assert "open loop" in flat and "not what the loss would have been" in flat
-  assert "Left out 6 rows without a value in 'train/grad_norm'" in text
+  assert "Left out 6 rows without a value in 'train/grad_norm'" in flat
   assert "a norm every 2 steps: a subsampled series" in flat
   assert "2 norms are NaN or Inf" in flat
   clipped = sum(ref_clipped)
