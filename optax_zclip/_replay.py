@@ -601,6 +601,9 @@ def _read_table(path: str) -> _Table:
       table = _json_rows(path, history, lambda i: f"{path} log_history[{i}]")
       table.fmt = "Hugging Face trainer_state.json"
       return table
+    if isinstance(obj, dict) and "\n" in text.strip():
+      raise LogError(f"{path} is a JSON object without log_history (not a "
+                     "Hugging Face trainer_state.json, nor JSON lines)")
     if isinstance(obj, list):
       table = _json_rows(path, obj, lambda i: f"{path} item {i}")
       table.fmt = "JSON"
@@ -959,6 +962,10 @@ def plot(path: str, result: Mapping[str, np.ndarray],
   fig.savefig(path, dpi=110)
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _fill(text: str) -> str:
   return textwrap.fill(text, width=79, break_on_hyphens=False)
 
@@ -973,11 +980,11 @@ def _parser() -> argparse.ArgumentParser:
   p = _Parser(
       prog=PROG,
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description=(
+      description=_fill(
           "Replays the gradient norms (and losses) of a run you logged "
           "through each clipping rule of optax_zclip, with the package's own "
           "transforms, and shows which steps each rule would have clipped "
-          "or skipped, and how hard.\n\n" + OPEN_LOOP),
+          "or skipped, and how hard.") + "\n\n" + _fill(OPEN_LOOP),
       epilog="""\
 LOG formats, recognised by their content:
   CSV with a header     TensorBoard and W&B exports. A row without a value in
@@ -1004,8 +1011,9 @@ METHODS, comma-separated:
   skip, skip:window=64,sigma=5
                              optax_zclip.skip_spikes(optax.identity()): the
                              norm test, and the loss test with a loss column
-  zclip:z_thresh=2|2.5|3     a sweep: one method per value (clip@0.5|1|2 too;
-                             several swept arguments give every combination)
+  "zclip:z_thresh=2|2.5|3"   a sweep: one method per value (clip@0.5|1|2 too;
+                             several swept arguments give every combination);
+                             quote it, | is the shell's pipe
   AdaGC is per tensor and a log holds the global norm: it cannot be replayed.
 
 Writes DIR/replay.csv (step, grad_norm, and per method <method>/threshold,
@@ -1035,9 +1043,8 @@ Example:
                  help="where to write replay.csv and replay.png (default "
                       "./replay)")
   p.add_argument("--warmup", type=int, metavar="N",
-                 help="the run's warm-up, in steps, for the table's 'in "
-                      "warm-up' column (default: the first 10%% of the "
-                      "logged steps)")
+                 help="the run's warm-up, in steps, which the table counts "
+                      "apart (default: the first 10%% of the logged steps)")
   p.add_argument("--no-plot", action="store_true",
                  help="write no plot")
   return p
@@ -1053,6 +1060,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     return _main(args)
+  except BrokenPipeError:
+    # The reader went away (`... | head`): stop quietly, as other commands do.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
   except (ValueError, OSError) as e:
     msg = str(e) if isinstance(e, ValueError) else (
         f"{e.filename}: {e.strerror}" if e.filename else str(e))
@@ -1074,19 +1086,24 @@ def _main(args: argparse.Namespace) -> int:
           f"losses from {log.loss_column!r}" if log.losses else None,
           f"steps from {log.step_column!r}" if log.step_column else
           "no step column: rows numbered from 0"]
-  print(_fill(f"Replayed {n} steps ({log.steps[0]} to {log.steps[-1]}) of "
+  print(_fill(f"Replayed {_count(n, 'step')} ({log.steps[0]} to "
+              f"{log.steps[-1]}) of "
               f"{args.log} ({log.fmt}): {', '.join(c for c in cols if c)}."))
   if log.left_out:
-    print(_fill(f"Left out {log.left_out} rows without a value in "
+    print(_fill(f"Left out {_count(log.left_out, 'row')} without a value in "
                 f"{log.norm_column!r} (not a step: the row logged other "
                 "values)."))
   for note in log.notes:
     print(_fill(f"Note: {note}."))
   nonfinite = int(np.sum(~np.isfinite(log.norms)))
   if nonfinite:
-    print(_fill(f"{nonfinite} norms are NaN or Inf: non-finite steps, which "
-                "the clipping methods pass through untouched and skip "
-                "skips."))
+    print(_fill(f"{_count(nonfinite, 'norm')} "
+                f"{'is' if nonfinite == 1 else 'are'} NaN or Inf: non-finite "
+                "steps, which the clipping methods pass through untouched and "
+                "skip skips."))
+  if log.loss_column and not log.losses:
+    print(_fill(f"Column {log.loss_column!r} holds no loss on a step with a "
+                "norm: skip tests the norms alone."))
   print()
   print(_fill(OPEN_LOOP))
   print()

@@ -272,6 +272,8 @@ def test_cli_without_matplotlib_writes_the_csv_and_says_how(
     ('{"grad_norm": 1.0}\n{"grad_norm": [1]}\n', [], "line 2: column "
      "'grad_norm' holds [1], not a number"),
     ("step,grad_norm\n0,-1.0\n", [], "the norm -1.0 is negative"),
+    ('{\n  "global_step": 3\n}\n', [], "is a JSON object without "
+     "log_history"),
     ("a,b\n1,2\n", [], "no column looks like the gradient norm; give it with "
      "--norm-column (its columns: a, b)"),
     ("1.0\n", ["--methods", "zclip,bogus"], "unknown method 'bogus'"),
