@@ -92,20 +92,6 @@ def _rescale_factor(overflowed: jax.Array) -> jax.Array:
   return jnp.where(overflowed, F32(2.0**-_RESCALE_LOG2), F32(1.0))
 
 
-def _rows(x: jax.Array) -> jax.Array:
-  """``x`` as a matrix whose rows are contiguous (a reshape, not a copy).
-
-  The last axis of an array of rank >= 2; a vector is cut into rows of the
-  largest length <= 1024 that divides it.
-  """
-  if x.ndim >= 2:
-    return x.reshape(-1, x.shape[-1])
-  n = x.size
-  width = max([d for d in range(1, min(n, 1024) + 1) if n % d == 0],
-              default=1)
-  return x.reshape(-1, width)
-
-
 def _leaf_rescaled_sq_sum(x: jax.Array, factor: jax.Array) -> jax.Array:
   """The sum of the squares of ``x * factor``, for the rescaled pass.
 
@@ -113,14 +99,16 @@ def _leaf_rescaled_sq_sum(x: jax.Array, factor: jax.Array) -> jax.Array:
   the largest magnitude, which turns an Inf element into an Inf sum) takes
   its elementwise producers into its own loop, where XLA:CPU would give a
   plain sum of ``x * factor`` a materialised broadcast of ``factor`` as large
-  as the leaf. Rows first, then their partial sums, so that the float32
-  accumulation error stays that of a row.
+  as the leaf. It reduces the last axis first and then sums the partial
+  sums, so that the float32 accumulation error is that of one row, without
+  a reshape (which would make the SPMD partitioner gather a sharded leaf).
   """
-  rows = _rows(_real_f32(x))
-  scaled = rows * factor
+  x = _real_f32(x)
+  scaled = x * factor
   sq, top = jax.lax.reduce(
-      (scaled * scaled, jnp.abs(rows)), (F32(0.0), F32(0.0)),
-      lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
+      (scaled * scaled, jnp.abs(x)), (F32(0.0), F32(0.0)),
+      lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
+      (x.ndim - 1,) if x.ndim else ())
   return jnp.where(jnp.isinf(jnp.max(top)), jnp.inf, jnp.sum(sq))
 
 
@@ -138,35 +126,33 @@ def _rescaled_norm(sq_sum: jax.Array, factor: jax.Array) -> jax.Array:
 def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
   """Float32 L2 norm of all leaves of ``tree`` together.
 
-  With ``axis_name`` the local squared sum is summed over that mesh axis before
-  the square root, so each device may hold only a slice of the gradients.
-  An empty tree has norm 0.
+  The norm of the per-leaf norms (`leaf_norms`, then `norm_of_norms`), as
+  the reference ZClip and PyTorch's ``clip_grad_norm_`` compute it. With
+  ``axis_name`` the per-leaf squared sums are summed over that mesh axis
+  before the square roots, so each device may hold only a slice of the
+  gradients. An empty tree has norm 0.
 
-  The norm is finite whenever every element is: if the float32 sum of
-  squares overflows (a norm above about 1.8e19), it is recomputed on the
-  leaves scaled down by 2**-88 (exact, and enough for up to 2**48 elements
-  of any finite size). That second pass runs under `jax.lax.cond`, only on
-  such a step, so a normal step reads the gradients once; the predicate
-  comes from the ``psum``-ed sum, so every device takes the same branch. A
-  norm beyond float32's range (elements near 3.4e38) is reported as
-  float32's largest value rather than ``inf``, so the step still counts as
-  finite and is clipped. NaN or Inf elements give a NaN or Inf norm.
+  Because every global norm in the package is built this way, XLA computes
+  one set of per-leaf sums for all of them: `skip_spikes` around a `zclip`,
+  `clip_by_global_norm` or `adagc` reads the gradients no more often than
+  the transform alone.
+
+  The norm is finite whenever every element is: a leaf whose float32 sum of
+  squares overflows (a leaf norm above about 1.8e19) is measured again on
+  its elements scaled down by 2**-88 (exact, and enough for up to 2**48
+  elements of any finite size), under `jax.lax.cond`, only on such a step,
+  so a normal step reads the gradients once; the sum of the leaf norms'
+  squares is rescaled the same way when it overflows. A norm beyond
+  float32's range (elements near 3.4e38) is reported as float32's largest
+  value rather than ``inf``, so the step still counts as finite and is
+  clipped. NaN or Inf elements give a NaN or Inf norm.
 
   Raises:
     ValueError: if a leaf is not floating point (`check_float_leaves`).
   """
-  leaves = check_float_leaves(tree)
-  if not leaves:
+  if not check_float_leaves(tree):
     return jnp.zeros([], F32)
-  sq = _psum(sum(_leaf_sq_sum(x) for x in leaves), axis_name)
-
-  def rescaled():
-    factor = _rescale_factor(jnp.isinf(sq))
-    return _rescaled_norm(
-        _psum(sum(_leaf_rescaled_sq_sum(x, factor) for x in leaves),
-              axis_name), factor)
-
-  return jax.lax.cond(jnp.isinf(sq), rescaled, lambda: jnp.sqrt(sq))
+  return norm_of_norms(leaf_norms(tree, axis_name))
 
 
 def leaf_norms(tree: Any, axis_name: AxisName = None) -> jax.Array:

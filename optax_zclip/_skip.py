@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.extend import core as jex_core
 
 from optax_zclip import _numerics, _validation
@@ -145,23 +144,23 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
     if isinstance(v, jex_core.Var):
       uses[v] = uses.get(v, 0) + 1
   inputs = set(jaxpr.invars)
-  select = {v: o for v, o in zip(state_vars, old)
+  select = {v: o for v, o in zip(state_vars, old, strict=True)
             if isinstance(v, jex_core.Var) and v not in inputs and uses[v] == 1}
 
-  env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts))
-  env.update(zip(jaxpr.invars, flat_in))
+  env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+  env.update(zip(jaxpr.invars, flat_in, strict=True))
 
   def read(v):
     return v.val if isinstance(v, jex_core.Literal) else env[v]
 
   for eqn in jaxpr.eqns:
     params = eqn.primitive.get_bind_params(eqn.params)
-    # Before jax 0.7.1 this returned (sub-functions, params).
+    # Older jax versions return (sub-functions, params).
     subfuns, params = params if isinstance(params, tuple) else ((), params)
     with eqn.ctx.manager:  # the equation's context (e.g. its sharding)
       out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
-    for v, x in zip(eqn.outvars, out if eqn.primitive.multiple_results
-                    else [out]):
+    results = out if eqn.primitive.multiple_results else [out]
+    for v, x in zip(eqn.outvars, results, strict=True):
       if isinstance(v, jex_core.DropVar):
         continue
       env[v] = jnp.where(keep, x, select[v]) if v in select else x
@@ -169,9 +168,10 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
   outs = [read(v) for v in jaxpr.outvars]
   new_updates = [jnp.where(keep, u, jnp.zeros([], u.dtype))
                  for u in outs[:n_updates]]
-  new_state = [x if isinstance(v, jex_core.Var) and v in select
-               else jnp.where(keep, x, o)
-               for v, x, o in zip(state_vars, outs[n_updates:], old)]
+  new_state = [
+      x if isinstance(v, jex_core.Var) and v in select
+      else jnp.where(keep, x, o)
+      for v, x, o in zip(state_vars, outs[n_updates:], old, strict=True)]
   return (jax.tree.unflatten(jax.tree.structure(out_shape[0]), new_updates),
           jax.tree.unflatten(jax.tree.structure(out_shape[1]), new_state))
 
