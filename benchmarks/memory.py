@@ -1,0 +1,108 @@
+"""Peak memory and memory traffic of a donated train step, from XLA itself.
+
+For each clipping transform chained before AdamW, alone and wrapped in
+`optax_zclip.skip_spikes`, compiles a donated ``jax.jit`` train step (forward,
+backward, update, ``optax.apply_updates``) on 16 float32 matrices of
+1024x1024 (64 MiB of parameters) and prints, over bare ``optax.adamw``:
+
+* the peak temporary memory, ``compiled.memory_analysis().temp_size_in_bytes``;
+* the bytes accessed, ``compiled.cost_analysis()["bytes accessed"]``,
+
+both in units of the parameters' bytes. Both analyses are deterministic (no
+timing), so ``tests/test_cost.py`` pins the same numbers on a smaller step.
+XLA's cost model counts a conditional as its costliest branch: the norms'
+rescaled pass, which runs only on a step whose float32 sum of squares
+overflowed, counts as one read of the gradients although a normal step does
+not run it.
+
+  python benchmarks/memory.py
+  python benchmarks/memory.py --matrices 8 --size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_zclip
+
+
+def _adamw():
+  return optax.adamw(1e-3)
+
+
+def variants() -> dict[str, tuple[optax.GradientTransformation, bool]]:
+  """name -> (optimizer, whether its update takes the loss as ``value``)."""
+  out = {
+      "adamw": (_adamw(), False),
+      "optax.clip_by_global_norm+adamw": (optax.chain(
+          optax.clip_by_global_norm(1.0), _adamw()), False),
+      "optax.apply_if_finite(adamw)": (optax.apply_if_finite(_adamw(), 3),
+                                       False),
+  }
+  for name, make in [("zclip", optax_zclip.zclip),
+                     ("adagc", optax_zclip.adagc),
+                     ("autoclip", optax_zclip.autoclip),
+                     ("clip_by_global_norm",
+                      lambda: optax_zclip.clip_by_global_norm(1.0))]:
+    out[f"{name}+adamw"] = (optax.chain(make(), _adamw()), False)
+    out[f"skip_spikes({name}+adamw)"] = (optax_zclip.skip_spikes(
+        optax.chain(make(), _adamw())), True)
+  return out
+
+
+def analyse(tx: optax.GradientTransformation, with_value: bool,
+            matrices: int = 16, size: int = 1024) -> tuple[int, float]:
+  """(peak temp bytes, bytes accessed) of the compiled donated train step."""
+  params = {f"w{i:02d}": jnp.zeros((size, size)) for i in range(matrices)}
+  state = tx.init(params)
+  x = jnp.ones((8, size))
+
+  def loss_fn(p):
+    return sum(jnp.mean(jnp.tanh(x @ w)) for w in p.values())
+
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    extra = {"value": loss} if with_value else {}
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params,
+                                                         state).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):  # older jax
+    cost = cost[0]
+  return (compiled.memory_analysis().temp_size_in_bytes,
+          float(cost["bytes accessed"]))
+
+
+def table(matrices: int = 16, size: int = 1024) -> dict[str, tuple[float,
+                                                                    float]]:
+  """name -> (extra peak temp, extra bytes accessed) over bare AdamW, in
+  units of the parameters' bytes."""
+  param_bytes = matrices * size * size * 4
+  rows = {name: analyse(tx, v, matrices, size)
+          for name, (tx, v) in variants().items()}
+  temp0, bytes0 = rows["adamw"]
+  return {name: ((t - temp0) / param_bytes, (b - bytes0) / param_bytes)
+          for name, (t, b) in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--matrices", type=int, default=16)
+  p.add_argument("--size", type=int, default=1024)
+  args = p.parse_args(argv)
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, "
+        f"{args.matrices} float32 matrices of {args.size}x{args.size}")
+  print("| step | extra peak temp | extra bytes accessed |")
+  print("|---|---|---|")
+  for name, (temp, nbytes) in table(args.matrices, args.size).items():
+    print(f"| `{name}` | {temp:+.3f}x | {nbytes:+.2f}x |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,89 @@
+"""Memory and traffic budgets of the donated train step, from XLA's analyses.
+
+`compiled.memory_analysis()` and `compiled.cost_analysis()["bytes accessed"]`
+are deterministic, so exact budgets can be asserted (in units of the
+parameters' bytes, over bare AdamW), where a timing could not be. The step is
+`benchmarks/memory.py`'s on a smaller tree; the Performance guide has its
+table at full size.
+"""
+
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "benchmarks"))
+
+import memory  # noqa: E402
+
+import optax_zclip  # noqa: E402
+
+MATRICES, SIZE = 4, 512
+PARAM_BYTES = MATRICES * SIZE * SIZE * 4
+
+
+def _extra(tx, with_value=False):
+  temp, nbytes = memory.analyse(tx, with_value, MATRICES, SIZE)
+  return (temp - BARE[0]) / PARAM_BYTES, (nbytes - BARE[1]) / PARAM_BYTES
+
+
+BARE = memory.analyse(optax.adamw(1e-3), False, MATRICES, SIZE)
+
+CLIPPERS = {
+    "zclip": optax_zclip.zclip,
+    "adagc": optax_zclip.adagc,
+    "autoclip": optax_zclip.autoclip,
+    "clip_by_global_norm": lambda: optax_zclip.clip_by_global_norm(1.0),
+}
+
+
+def _plain_norm_and_scale():
+  """The floor of any unfused global clip: one read of the gradients."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    return optax.tree.scale(1.0 / jnp.maximum(norm, 1.0), updates), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def test_the_anchors():
+  # The measure sees a copy and a pass: optax's clip materialises the
+  # clipped gradients (+1x memory) and reads them again; a plain norm and a
+  # scale folded into AdamW is exactly one read.
+  temp, nbytes = _extra(optax.chain(optax.clip_by_global_norm(1.0),
+                                    optax.adamw(1e-3)))
+  assert temp == pytest.approx(1.0, abs=0.01)
+  assert nbytes == pytest.approx(5.0, abs=0.01)
+  temp, nbytes = _extra(optax.apply_if_finite(optax.adamw(1e-3), 3))
+  assert temp == pytest.approx(1.0, abs=0.01)
+  assert nbytes == pytest.approx(4.5, abs=0.01)
+  temp, nbytes = _extra(optax.chain(_plain_norm_and_scale(),
+                                    optax.adamw(1e-3)))
+  assert temp == pytest.approx(0.0, abs=0.001)
+  assert nbytes == pytest.approx(1.0, abs=0.005)
+
+
+@pytest.mark.parametrize("name", list(CLIPPERS))
+def test_budgets(name):
+  make = CLIPPERS[name]
+  temp, nbytes = _extra(optax.chain(make(), optax.adamw(1e-3)))
+  # No gradient-sized buffer: only per-row partial sums of the rescaled
+  # pass (a few KiB).
+  assert 0 <= temp <= 0.01, temp
+  # One read of the gradients for the norms, plus the rescaled pass: a
+  # conditional branch that runs only when a float32 sum of squares
+  # overflowed, but that XLA's cost model counts as if it ran.
+  assert nbytes == pytest.approx(2.0, abs=0.02), nbytes
+  skip_temp, skip_bytes = _extra(
+      optax_zclip.skip_spikes(optax.chain(make(), optax.adamw(1e-3))), True)
+  # skip_spikes: no copy of the optimizer state, no extra pass (the global
+  # norm is shared; the selects fuse into AdamW's loops).
+  assert skip_temp <= temp + 0.001, (skip_temp, temp)
+  # (+0.05x here is its window buffers and scalars, 200 KB; +0.02x at the
+  # full size of benchmarks/memory.py.)
+  assert skip_bytes <= nbytes + 0.1, (skip_bytes, nbytes)
