@@ -104,6 +104,8 @@ def _leaf_rescaled_sq_sum(x: jax.Array, factor: jax.Array) -> jax.Array:
   a reshape (which would make the SPMD partitioner gather a sharded leaf).
   """
   x = _real_f32(x)
+  if not x.size:
+    return jnp.zeros([], F32)
   scaled = x * factor
   sq, top = jax.lax.reduce(
       (scaled * scaled, jnp.abs(x)), (F32(0.0), F32(0.0)),
