@@ -152,8 +152,6 @@ def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
   Raises:
     ValueError: if a leaf is not floating point (`check_float_leaves`).
   """
-  if not check_float_leaves(tree):
-    return jnp.zeros([], F32)
   return norm_of_norms(leaf_norms(tree, axis_name))
 
 
