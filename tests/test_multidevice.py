@@ -1,7 +1,8 @@
-"""Runs ``tests/multidevice`` in a subprocess with 8 simulated CPU devices.
+"""Runs ``tests/multidevice`` in subprocesses with 8 simulated CPU devices.
 
 JAX fixes its device count when it starts, and the rest of this suite runs on
-one device, so the multi-device tests get a process of their own.
+one device, so the multi-device tests get processes of their own: one per
+file, so that pytest-xdist can run them beside the rest of the suite.
 """
 
 import os
@@ -9,16 +10,20 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 HERE = pathlib.Path(__file__).resolve().parent
+FILES = sorted(p.name for p in (HERE / "multidevice").glob("test_*.py"))
 
 
-def test_multidevice_suite_on_8_simulated_devices():
+@pytest.mark.parametrize("name", FILES)
+def test_multidevice_suite_on_8_simulated_devices(name):
   env = dict(os.environ, OPTAX_ZCLIP_MULTIDEVICE="1", JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                       + " --xla_force_host_platform_device_count=8").strip()
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-       str(HERE / "multidevice")],
+       "-n", "0", str(HERE / "multidevice" / name)],
       cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
   assert " passed" in proc.stdout and "skipped" not in proc.stdout
