@@ -189,17 +189,15 @@ def adagc(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    gammas = treedef.flatten_up_to(state.gamma)
-    gamma = (jnp.stack(gammas).astype(F32) if gammas
-             else jnp.zeros([0], F32))
+    gammas = [x.astype(F32) for x in treedef.flatten_up_to(state.gamma)]
     lam = _numerics.as_f32(lambda_rel)
     b = _numerics.as_f32(beta)
     e = _numerics.as_f32(eps)
 
-    norms = _numerics.leaf_norms(updates, axis_name)
-    g = _numerics.norm_of_norms(norms)
+    norms = _numerics.leaf_norm_list(updates, axis_name)
+    norm_vector = jnp.stack(norms) if norms else jnp.zeros([0], F32)
+    g = _numerics.norm_of_norms(norm_vector)
     finite_g = jnp.isfinite(g)
-    observed = jnp.isfinite(norms) & (norms > 0)
     warm = state.count < warmup_steps
 
     # Warm-up: one global factor; gamma is the running min of clipped norms.
@@ -211,39 +209,49 @@ def adagc(
       # cap / 0 = inf, so a zero norm gives min(1, inf) = 1, not NaN.
       f = jnp.minimum(1.0, _numerics.as_f32(max_grad_norm) / (g + e))
       f = jnp.where(finite_g, f, 1.0)
-    warm_gamma = jnp.where(observed, jnp.minimum(gamma, f * norms), gamma)
-    warm_clipped = (f < 1) & (norms > 0)
 
-    # After warm-up: per-tensor limit against gamma, then gamma's EMA. A
-    # tensor with no gamma yet starts from its own norm, as in the authors'
-    # code.
-    ref = jnp.where(jnp.isfinite(gamma), gamma, norms)
-    limit = lam * ref
-    # norms > limit >= 0 implies norms > 0: `clip` is exactly where
-    # clip_scale scales (a finite norm above its limit).
-    clip = observed & (norms > limit)
-    h = _numerics.clip_scale(norms, limit, e)
-    # The EMA takes min(n, limit) itself, not h * n = limit * n / (n + eps),
-    # which is smaller, by a lot for a tensor whose norm is near eps.
-    fed = jnp.where(clip, limit, norms)
-    ema_gamma = jnp.where(observed, b * ref + (1 - b) * fed, gamma)
+    # The rule of each tensor on its own scalars (its norm and gamma are
+    # buffers of their own), so that XLA compiles one kernel for all the
+    # tensors of a shape; see `_numerics.leaf_norm_list`.
+    scales, new_gammas, clipped = [], [], []
+    for norm, gamma in zip(norms, gammas, strict=True):
+      observed = jnp.isfinite(norm) & (norm > 0)
+      warm_gamma = jnp.where(observed, jnp.minimum(gamma, f * norm), gamma)
+      # After warm-up: per-tensor limit against gamma, then gamma's EMA. A
+      # tensor with no gamma yet starts from its own norm, as in the
+      # authors' code.
+      ref = jnp.where(jnp.isfinite(gamma), gamma, norm)
+      limit = lam * ref
+      # norm > limit >= 0 implies norm > 0: `clip` is exactly where
+      # clip_scale scales (a finite norm above its limit).
+      clip = observed & (norm > limit)
+      h = _numerics.clip_scale(norm, limit, e)
+      # The EMA takes min(n, limit) itself, not h * n = limit * n / (n +
+      # eps), which is smaller, by a lot for a tensor whose norm is near eps.
+      fed = jnp.where(clip, limit, norm)
+      ema_gamma = jnp.where(observed, b * ref + (1 - b) * fed, gamma)
+      scales.append(jnp.where(warm, f, h))
+      # A non-finite step is not an observation for any tensor (like ZClip's
+      # statistics); count does not move either, so gamma and count agree
+      # on how many steps gamma has seen.
+      new_gammas.append(jnp.where(
+          finite_g, jnp.where(warm, warm_gamma, ema_gamma), gamma))
+      clipped.append(jnp.where(warm, (f < 1) & (norm > 0), clip))
 
-    scales = jnp.where(warm, f, h)
-    # A non-finite step is not an observation for any tensor (like ZClip's
-    # statistics); count does not move either, so gamma and count agree on
-    # how many steps gamma has seen.
-    new_gamma = jnp.where(finite_g, jnp.where(warm, warm_gamma, ema_gamma),
-                          gamma)
     out = treedef.unflatten(
         [_numerics.scale_leaf(x, s)
          for x, s in zip(leaves, scales, strict=True)])
+    if norms:
+      clipped_norm = _numerics.norm_of_norms(norm_vector * jnp.stack(scales))
+      num_clipped = jnp.sum(jnp.stack(clipped), dtype=jnp.int32)
+    else:
+      clipped_norm, num_clipped = g, jnp.zeros([], jnp.int32)
     new_state = AdaGCState(
         count=_numerics.increment_where(finite_g, state.count),
-        gamma=treedef.unflatten(list(new_gamma)),
+        gamma=treedef.unflatten(new_gammas),
         grad_norm=g,
-        clipped_norm=_numerics.norm_of_norms(norms * scales),
-        num_clipped=jnp.where(warm, jnp.sum(warm_clipped),
-                              jnp.sum(clip)).astype(jnp.int32),
+        clipped_norm=clipped_norm,
+        num_clipped=num_clipped,
         nonfinite_count=_numerics.increment_where(~finite_g,
                                                 state.nonfinite_count),
     )

@@ -75,7 +75,7 @@ def _leaf_sq_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(x * x)
 
 
-def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+def _psum(x: Any, axis_name: AxisName) -> Any:
   if axis_name is None:
     return x
   return jax.lax.psum(x, axis_name)
@@ -158,29 +158,44 @@ def global_norm(tree: Any, axis_name: AxisName = None) -> jax.Array:
 def leaf_norms(tree: Any, axis_name: AxisName = None) -> jax.Array:
   """Float32 L2 norm of each leaf of ``tree``, as one vector.
 
-  With ``axis_name`` all the per-leaf squared sums travel in a single
-  ``psum``. As in `global_norm`, a leaf whose float32 sum of squares
-  overflows has its norm recomputed after rescaling, under `jax.lax.cond`
-  (taken on every device alike), and is at most float32's largest value
-  unless it holds an Inf; a NaN element gives a NaN norm.
+  The norms of `leaf_norm_list`, stacked; with ``axis_name`` all the
+  per-leaf squared sums travel in a single ``psum``. A leaf whose float32
+  sum of squares overflows has its norm recomputed after rescaling, under
+  `jax.lax.cond` (taken on every device alike), and is at most float32's
+  largest value unless it holds an Inf; a NaN element gives a NaN norm.
 
   Raises:
     ValueError: if a leaf is not floating point (`check_float_leaves`).
   """
+  norms = leaf_norm_list(tree, axis_name)
+  return jnp.stack(norms) if norms else jnp.zeros([0], F32)
+
+
+def leaf_norm_list(tree: Any, axis_name: AxisName = None) -> list[jax.Array]:
+  """`leaf_norms` as a list of float32 scalars, one per leaf.
+
+  Each norm is a buffer of its own, so that what is computed from one
+  leaf's norm (AdaGC's factor, folded into that leaf's update) compiles to
+  the same kernel for every leaf of the same shape, which XLA compiles
+  once. Slicing one vector of all the norms instead puts a different index
+  into every leaf's kernel.
+  """
   leaves = check_float_leaves(tree)
   if not leaves:
-    return jnp.zeros([0], F32)
-  sq = _psum(jnp.stack([_leaf_sq_sum(x) for x in leaves]), axis_name)
+    return []
+  sq = _psum([_leaf_sq_sum(x) for x in leaves], axis_name)
+  overflowed = jnp.any(jnp.isinf(jnp.stack(sq)))
 
   def rescaled():
-    factor = _rescale_factor(jnp.any(jnp.isinf(sq)))
-    norms = _rescaled_norm(_psum(
-        jnp.stack([_leaf_rescaled_sq_sum(x, factor) for x in leaves]),
-        axis_name), factor)
+    factor = _rescale_factor(overflowed)
+    sums = _psum([_leaf_rescaled_sq_sum(x, factor) for x in leaves],
+                 axis_name)
     # Leaves that did not overflow keep the first pass's norm (NaN stays NaN).
-    return jnp.where(jnp.isinf(sq), norms, jnp.sqrt(sq))
+    return [jnp.where(jnp.isinf(s), _rescaled_norm(r, factor), jnp.sqrt(s))
+            for s, r in zip(sq, sums, strict=True)]
 
-  return jax.lax.cond(jnp.any(jnp.isinf(sq)), rescaled, lambda: jnp.sqrt(sq))
+  return jax.lax.cond(overflowed, rescaled,
+                      lambda: [jnp.sqrt(s) for s in sq])
 
 
 def norm_of_norms(norms: jax.Array) -> jax.Array:

@@ -3,6 +3,8 @@
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
                        "benchmarks"))
 
@@ -46,3 +48,21 @@ def test_train_step_tiny_run(capsys):
                       .replace(",", "").split())
     assert lo <= med <= hi
   assert rows[1].split("|")[1].strip() == train_step.BARE
+
+
+def test_compile_time_tiny_run(capsys):
+  import compile_time  # noqa: PLC0415
+
+  variants = ["adamw", compile_time.BASE, "skip_spikes(zclip+adamw)"]
+  compile_time.main(["--leaves", "3", "--reps", "1",
+                     "--variants", ",".join(variants)])
+  rows = [line for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| ")]
+  assert [r.split("|")[1].strip() for r in rows[1:]] == variants
+  for r in rows[1:]:
+    trace, lower, comp, total, ratio = map(
+        float, [c.strip() for c in r.strip("|").split("|")][1:])
+    assert min(trace, lower, comp) > 0
+    assert total == pytest.approx(trace + lower + comp, abs=0.02)
+  # The base's own ratio is 1 by definition of the column.
+  assert rows[2].split("|")[-2].strip() == "1.00"
