@@ -12,6 +12,8 @@ and the total as a ratio to ``optax.clip_by_global_norm`` followed by AdamW.
 
   python benchmarks/compile_time.py                    # 500 leaves, 3 reps
   python benchmarks/compile_time.py --leaves 100 --variants adamw,zclip+adamw
+  python benchmarks/compile_time.py --leaves 300 --variants adamw \
+    --distinct-shapes
 """
 
 from __future__ import annotations
@@ -42,15 +44,34 @@ VARIANTS = {
     "skip_spikes(zclip+adamw)": lambda: optax_zclip.skip_spikes(
         optax.chain(optax_zclip.zclip(), optax.adamw(1e-3))),
     "skip_spikes(adamw)": lambda: optax_zclip.skip_spikes(optax.adamw(1e-3)),
+    # The norms alone, scaled into the updates: the package's overflow-safe
+    # norm against a plain one.
+    "clip_by_global_norm": lambda: optax_zclip.clip_by_global_norm(1.0),
+    "optax.tree.norm+scale": lambda: _plain_norm_and_scale(),
 }
 BASE = "optax.clip_by_global_norm+adamw"
 
 
-def tree(leaves: int) -> dict[str, jax.Array]:
-  """``leaves`` bf16 arrays, alternately of shape (64,) and (64, 64)."""
+def _plain_norm_and_scale() -> optax.GradientTransformation:
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    return optax.tree.scale(1.0 / jnp.maximum(norm, 1.0), updates), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def tree(leaves: int, distinct: bool = False) -> dict[str, jax.Array]:
+  """``leaves`` bf16 arrays, alternately of shape (64,) and (64, 64), or
+  with ``distinct`` each of its own shape, (64, 40 + i)."""
   rng = np.random.default_rng(0)
-  return {f"p{i:04d}": jnp.asarray(rng.normal(size=(64, 64) if i % 2
-                                              else (64,)), jnp.bfloat16)
+
+  def shape(i):
+    if distinct:
+      return (64, 40 + i)
+    return (64, 64) if i % 2 else (64,)
+
+  return {f"p{i:04d}": jnp.asarray(rng.normal(size=shape(i)), jnp.bfloat16)
           for i in range(leaves)}
 
 
@@ -82,21 +103,26 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--reps", type=int, default=3,
                  help="alternating compilations of each step (median)")
   p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--distinct-shapes", action="store_true",
+                 help="give every leaf a shape of its own (no kernel is "
+                      "shared between leaves)")
   args = p.parse_args(argv)
   names = args.variants.split(",")
   unknown = set(names) - set(VARIANTS)
   if unknown:
     p.error(f"unknown variants {sorted(unknown)}; choose from "
             f"{', '.join(VARIANTS)}")
-  params = tree(args.leaves)
+  params = tree(args.leaves, args.distinct_shapes)
   times: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
   for _ in range(args.reps):
     for name in names:
       times[name].append(compile_seconds(name, params))
   total = {n: statistics.median(sum(t) for t in ts) for n, ts in times.items()}
   base = total.get(BASE)
-  print(f"# compile time of the donated optimizer step: {args.leaves} bf16 "
-        f"leaves, median of {args.reps}; {platform.machine()}, jax "
+  kind = "bf16 leaves of distinct shapes" if args.distinct_shapes else (
+      "bf16 leaves")
+  print(f"# compile time of the donated optimizer step: {args.leaves} {kind}"
+        f", median of {args.reps}; {platform.machine()}, jax "
         f"{jax.__version__}, optax {optax.__version__}, "
         f"{datetime.date.today()}")
   print("| variant | trace s | lower s | compile s | total s | ratio |")
