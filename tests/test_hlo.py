@@ -215,3 +215,61 @@ def test_whole_train_step_skip_spikes_adds_no_copy():
       optax_zclip.skip_spikes(optax.chain(optax_zclip.zclip(),
                                           optax.adamw(1e-3))), True)
   assert got["copy"] <= BARE_STEP["copy"], (got, BARE_STEP)
+
+
+def _distinct_computations(tx, leaves):
+  """How many different computations the compiled step of ``tx`` holds, on
+  ``leaves`` bf16 leaves of one shape (names, metadata and the parameter
+  names left out, so that two leaves' identical kernels count once)."""
+  params = [jnp.zeros((8, 16), jnp.bfloat16) for _ in range(leaves)]
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile().as_text()
+  bodies = set()
+  for block in text.split("\n\n"):
+    lines = block.strip().split("\n")
+    if not re.match(r"%\S+ \(", lines[0]):
+      continue  # ENTRY, and what is not a computation
+    head = re.sub(r"[\w.\-]+: ", "", lines[0].split(" ", 1)[1])
+    body = re.sub(r"%[\w.\-]+", "%", "\n".join(lines[1:]))
+    body = re.sub(r", metadata=\{[^}]*\}", "", body)
+    bodies.add(head + body)
+  return len(bodies)
+
+
+@pytest.mark.parametrize("make", [
+    optax_zclip.zclip, optax_zclip.adagc,
+    lambda: optax_zclip.clip_by_global_norm(1.0)])
+def test_leaves_of_one_shape_share_their_kernels(make):
+  # XLA compiles a computation once for every leaf it fits, so compile time
+  # grows with the number of distinct kernels. A per-leaf value sliced out
+  # of a vector of all the leaves' norms (AdaGC did, before 0.2.0) puts a
+  # different index into each leaf's kernel: the count would grow with the
+  # leaves: by 8 from 4 to 12 leaves. The computations over the vector of
+  # all the norms (their stack, their sum) have a shape that depends on the
+  # number of leaves, and XLA may split or merge one of them differently.
+  tx = optax.chain(make(), optax.adamw(1e-3))
+  few, many = _distinct_computations(tx, 4), _distinct_computations(tx, 12)
+  assert abs(many - few) <= 2
+
+
+def test_the_kernel_count_sees_a_per_leaf_slice():
+  # The same count for a transform that scales each leaf by its entry of a
+  # vector computed from all the leaves: it grows with the leaves.
+  def update(updates, state, params=None):
+    del params
+    norms = _numerics.leaf_norms(updates)
+    scales = 1.0 / (norms + jnp.sum(norms))
+    return [_numerics.scale_leaf(x, s)
+            for x, s in zip(updates, scales, strict=True)], state
+
+  tx = optax.chain(
+      optax.GradientTransformation(lambda p: optax.EmptyState(), update),
+      optax.adamw(1e-3))
+  few, many = _distinct_computations(tx, 4), _distinct_computations(tx, 12)
+  assert many > few + 4
