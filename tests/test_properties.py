@@ -43,7 +43,7 @@ H = 40  # longest history; shorter ones are padded and masked
 L = 5  # most leaves in a tree
 RTOL = 1e-5
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
