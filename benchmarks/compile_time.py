@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from memory import plain_norm_and_scale
 
 import optax_zclip
 
@@ -47,18 +48,9 @@ VARIANTS = {
     # The norms alone, scaled into the updates: the package's overflow-safe
     # norm against a plain one.
     "clip_by_global_norm": lambda: optax_zclip.clip_by_global_norm(1.0),
-    "optax.tree.norm+scale": lambda: _plain_norm_and_scale(),
+    "optax.tree.norm+scale": plain_norm_and_scale,
 }
 BASE = "optax.clip_by_global_norm+adamw"
-
-
-def _plain_norm_and_scale() -> optax.GradientTransformation:
-  def update(updates, state, params=None):
-    del params
-    norm = optax.tree.norm(updates)
-    return optax.tree.scale(1.0 / jnp.maximum(norm, 1.0), updates), state
-
-  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
 def tree(leaves: int, distinct: bool = False) -> dict[str, jax.Array]:

@@ -34,6 +34,18 @@ def _adamw():
   return optax.adamw(1e-3)
 
 
+def plain_norm_and_scale() -> optax.GradientTransformation:
+  """The floor of any unfused global clip: ``optax.tree.norm`` and a scale
+  by ``1 / max(norm, 1)``, one read of the gradients and nothing else."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    return optax.tree.scale(1.0 / jnp.maximum(norm, 1.0), updates), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
 def variants() -> dict[str, tuple[optax.GradientTransformation, bool]]:
   """name -> (optimizer, whether its update takes the loss as ``value``)."""
   out = {

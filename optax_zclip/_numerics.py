@@ -92,6 +92,14 @@ def _rescale_factor(overflowed: jax.Array) -> jax.Array:
   return jnp.where(overflowed, F32(2.0**-_RESCALE_LOG2), F32(1.0))
 
 
+def _sum_and_max(a: tuple[jax.Array, jax.Array],
+                 b: tuple[jax.Array, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
+  # One function for every leaf, so that jax traces the reducer once (it
+  # caches the reducer's jaxpr by function), not once per leaf.
+  return a[0] + b[0], jnp.maximum(a[1], b[1])
+
+
 def _leaf_rescaled_sq_sum(x: jax.Array, factor: jax.Array) -> jax.Array:
   """The sum of the squares of ``x * factor``, for the rescaled pass.
 
@@ -108,8 +116,7 @@ def _leaf_rescaled_sq_sum(x: jax.Array, factor: jax.Array) -> jax.Array:
     return jnp.zeros([], F32)
   scaled = x * factor
   sq, top = jax.lax.reduce(
-      (scaled * scaled, jnp.abs(x)), (F32(0.0), F32(0.0)),
-      lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
+      (scaled * scaled, jnp.abs(x)), (F32(0.0), F32(0.0)), _sum_and_max,
       (x.ndim - 1,) if x.ndim else ())
   return jnp.where(jnp.isinf(jnp.max(top)), jnp.inf, jnp.sum(sq))
 

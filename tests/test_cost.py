@@ -10,7 +10,6 @@ table at full size.
 import pathlib
 import sys
 
-import jax.numpy as jnp
 import optax
 import pytest
 
@@ -40,17 +39,6 @@ CLIPPERS = {
 }
 
 
-def _plain_norm_and_scale():
-  """The floor of any unfused global clip: one read of the gradients."""
-
-  def update(updates, state, params=None):
-    del params
-    norm = optax.tree.norm(updates)
-    return optax.tree.scale(1.0 / jnp.maximum(norm, 1.0), updates), state
-
-  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
-
-
 def test_the_anchors():
   # The measure sees a copy and a pass: optax's clip materialises the
   # clipped gradients (+1x memory) and reads them again; a plain norm and a
@@ -62,7 +50,7 @@ def test_the_anchors():
   temp, nbytes = _extra(optax.apply_if_finite(optax.adamw(1e-3), 3))
   assert temp == pytest.approx(1.0, abs=0.01)
   assert nbytes == pytest.approx(4.5, abs=0.01)
-  temp, nbytes = _extra(optax.chain(_plain_norm_and_scale(),
+  temp, nbytes = _extra(optax.chain(memory.plain_norm_and_scale(),
                                     optax.adamw(1e-3)))
   assert temp == pytest.approx(0.0, abs=0.001)
   assert nbytes == pytest.approx(1.0, abs=0.005)
