@@ -138,8 +138,8 @@ def autoclip(
     del params
     g = _numerics.global_norm(updates, axis_name)
     finite = jnp.isfinite(g)
-    history = jnp.where(
-        finite, state.history.at[state.count % window].set(g), state.history)
+    history = _numerics.write_slot(state.history, state.count % window, g,
+                                   finite)
     count = _numerics.increment_where(finite, state.count)
     n = jnp.minimum(count, window)
     threshold = jnp.where(

@@ -228,6 +228,19 @@ def clip_scale(norm: jax.Array, limit: jax.Array,
   return jnp.where(clip, limit / jnp.where(clip, norm + eps, 1.0), 1.0)
 
 
+def write_slot(buffer: jax.Array, index: jax.Array, value: jax.Array,
+               flag: jax.Array) -> jax.Array:
+  """``buffer`` with slot ``index`` set to ``value`` where ``flag`` holds.
+
+  A select over the (small) ring buffer rather than ``buffer.at[index]``: XLA
+  turns a scatter into a loop and then runs its algebraic simplifier over the
+  whole step once more, a compile-time cost that grows with the number of
+  parameter leaves although the buffer holds a few hundred floats.
+  """
+  hit = (jnp.arange(buffer.shape[0]) == index) & flag
+  return jnp.where(hit, jnp.asarray(value, buffer.dtype), buffer)
+
+
 def increment_where(flag: jax.Array, counter: jax.Array) -> jax.Array:
   """``counter + 1`` where ``flag`` holds (saturating at the dtype's max)."""
   return jnp.where(flag, optax.safe_increment(counter), counter)

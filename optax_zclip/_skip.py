@@ -332,12 +332,9 @@ def skip_spikes(
     # lasting shift of the loss or norm becomes the new normal within
     # `window` steps instead of skipping forever; a non-finite one never is.
     pos = state.position
-    losses = state.losses.at[pos].set(
-        jnp.where(finite, loss, state.losses[pos]))
-    has_loss = state.has_loss.at[pos].set(
-        jnp.where(finite, given, state.has_loss[pos]))
-    norms = state.norms.at[pos].set(
-        jnp.where(finite, g_norm, state.norms[pos]))
+    losses = _numerics.write_slot(state.losses, pos, loss, finite)
+    has_loss = _numerics.write_slot(state.has_loss, pos, given, finite)
+    norms = _numerics.write_slot(state.norms, pos, g_norm, finite)
     size = jnp.where(finite, jnp.minimum(state.size + 1, window), state.size)
     position = jnp.where(finite, (pos + 1) % window, pos)
 
