@@ -130,10 +130,14 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
   a value shared by two leaves, is selected at the end).
   """
   flat_in, in_tree = jax.tree.flatten((updates, state))
-  old = flat_in[len(jax.tree.leaves(updates)):]
+  n_in = len(jax.tree.leaves(updates))
+  old = flat_in[n_in:]
 
   def flat_update(*flat):
-    return update(*jax.tree.unflatten(in_tree, flat))
+    # The norms known for the updates (`skip_spikes` measured them) are
+    # those of the arrays that stand for them in this trace too.
+    with _numerics.known_norms_carried(flat_in[:n_in], flat[:n_in]):
+      return update(*jax.tree.unflatten(in_tree, flat))
 
   closed, out_shape = jax.make_jaxpr(flat_update, return_shape=True)(*flat_in)
   jaxpr = closed.jaxpr
@@ -314,7 +318,9 @@ def skip_spikes(
       loss = jnp.zeros([], F32)  # recorded with has_loss False, never read
 
     sig = _numerics.as_f32(sigma)
-    g_norm = _numerics.global_norm(updates, axis_name)
+    leaf_norms = _numerics.leaf_norm_list(updates, axis_name)
+    g_norm = _numerics.norm_of_norms(
+        jnp.stack(leaf_norms) if leaf_norms else jnp.zeros([0], F32))
     held = jnp.arange(window) < state.size
     norm_spike, norm_threshold = _test(g_norm, state.norms, held, state.size,
                                        min_history, sig)
@@ -342,9 +348,13 @@ def skip_spikes(
     # zeros (a `where`, not a multiply by 0, so that a NaN update cannot leak
     # through) and the inner state as it was. See `_gated_update` for why
     # this costs no copy.
-    inner_updates, inner_state = _gated_update(
-        lambda u, s: inner.update(u, s, params, **extra_args), ~skip,
-        updates, state.inner_state)
+    # A ZClip, AdaGC, AutoClip or clip_by_global_norm at the head of
+    # `inner` (same updates, same axis_name) reuses these norms rather than
+    # tracing its own overflow-safe pass.
+    with _numerics.known_norms(updates, axis_name, leaf_norms):
+      inner_updates, inner_state = _gated_update(
+          lambda u, s: inner.update(u, s, params, **extra_args), ~skip,
+          updates, state.inner_state)
 
     new_state = SkipSpikesState(
         losses=losses, has_loss=has_loss, norms=norms,

@@ -28,6 +28,7 @@ from flax import nnx
 from references import SHAPES, SkipSpikesRef, tree_norm64
 
 import optax_zclip
+from optax_zclip import _numerics
 
 LR = 1e-2
 ZCLIP = dict(warmup_steps=5)
@@ -681,3 +682,49 @@ def test_the_norm_is_reduced_once_when_the_inner_clip_measures_it_too(clip):
   apart = _gradient_reductions(_compiled_text(optax_zclip.skip_spikes(
       optax.chain(optax.scale(2.0), clip(), optax.adamw(1e-3)))))
   assert apart == sorted(alone * 2)
+
+
+def _overflow_passes(tx):
+  """How many overflow-safe norm passes (conditionals) the traced step has."""
+  params = {k: jnp.zeros(s) for k, s in HLO_SHAPES.items()}
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(
+      lambda g, s: tx.update(g, s, params, value=jnp.float32(1.0)))(
+          params, state)
+  return len(re.findall(r"\bcond\[", str(jaxpr)))
+
+
+@pytest.mark.parametrize("clip", [
+    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
+    lambda: optax_zclip.clip_by_global_norm(1.0)],
+                         ids=["zclip", "adagc", "autoclip",
+                              "clip_by_global_norm"])
+def test_the_inner_clip_reuses_the_measured_norms_in_the_trace(clip):
+  # XLA merges two identical norms in the end (the test above), but it
+  # compiles both until then; the inner clip of the same updates takes
+  # skip_spikes' norms instead, so the step is traced with one overflow pass.
+  assert _overflow_passes(optax.chain(clip(), optax.adamw(1e-3))) == 1
+  assert _overflow_passes(optax_zclip.skip_spikes(
+      optax.chain(clip(), optax.adamw(1e-3)))) == 1
+  # Updates scaled first are other arrays: measured again.
+  assert _overflow_passes(optax_zclip.skip_spikes(
+      optax.chain(optax.scale(2.0), clip(), optax.adamw(1e-3)))) == 2
+  assert not _numerics._known_list()  # noqa: SLF001
+
+
+def test_known_norms_match_the_same_arrays_and_axis_only():
+  tree = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}
+  marked = [jnp.float32(-1.0), jnp.float32(-2.0)]
+  with _numerics.known_norms(tree, None, marked):
+    assert _numerics.leaf_norm_list(tree) == marked
+    # Equal values in other arrays, or another axis: computed.
+    copy = jax.tree.map(jnp.array, tree)
+    np.testing.assert_array_equal(_numerics.leaf_norm_list(copy), [5, 12])
+    with pytest.raises(NameError):  # a psum over an unbound axis
+      _numerics.leaf_norm_list(tree, "batch")
+    # A function traced again on new arrays for the same values.
+    new = [jnp.array([3.0, 4.0]), jnp.array([[12.0]])]
+    with _numerics.known_norms_carried(jax.tree.leaves(tree), new):
+      assert _numerics.leaf_norm_list({"a": new[0], "b": new[1]}) == marked
+    assert len(_numerics._known_list()) == 1  # noqa: SLF001
+  np.testing.assert_array_equal(_numerics.leaf_norm_list(tree), [5, 12])
