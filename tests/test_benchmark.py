@@ -3,6 +3,7 @@
 import pathlib
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
@@ -66,3 +67,28 @@ def test_compile_time_tiny_run(capsys):
     assert total == pytest.approx(trace + lower + comp, abs=0.02)
   # The base's own ratio is 1 by definition of the column.
   assert rows[2].split("|")[-2].strip() == "1.00"
+
+
+def test_compile_time_ablation_rows_and_restores_the_package(capsys):
+  import compile_time  # noqa: PLC0415
+
+  from optax_zclip import _numerics, _skip  # noqa: PLC0415
+
+  originals = _numerics.leaf_norm_list, _skip._gated_update  # noqa: SLF001
+  compile_time.main(["--leaves", "2", "--reps", "1", "--variants",
+                     "adamw,zclip+adamw,skip_spikes(adamw)",
+                     "--ablate", "no-select,all"])
+  rows = [line.split("|")[1].strip()
+          for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| ")][1:]
+  # A row per variant the ablation changes (not AdamW; not ZClip for the
+  # select), none twice.
+  assert rows == ["adamw", "zclip+adamw", "skip_spikes(adamw)",
+                  "skip_spikes(adamw), no-select",
+                  "zclip+adamw, no-overflow-pass",
+                  "skip_spikes(adamw), no-overflow-pass, no-select"]
+  assert (_numerics.leaf_norm_list, _skip._gated_update) == originals  # noqa: SLF001
+  # What the ablation takes out is what makes the norm overflow-safe.
+  big = {"a": jnp.full([4], 3e19, jnp.float32)}
+  assert jnp.isinf(compile_time._one_pass_norms(big)[0])  # noqa: SLF001
+  assert float(_numerics.global_norm(big)) == pytest.approx(6e19, rel=1e-6)
