@@ -232,8 +232,10 @@ def skip_spikes(
   step. On a donated train step, ``skip_spikes(optax.chain(zclip(),
   optax.adamw(lr)))`` has the same peak memory and the same bytes accessed
   as the chain alone (the Performance guide has the numbers, and how they
-  are measured); the global norm is shared with a `zclip` or
-  `clip_by_global_norm` at the head of ``inner``.
+  are measured). A `zclip`, `adagc`, `autoclip` or `clip_by_global_norm` at
+  the head of ``inner`` (with the same ``axis_name``) takes the per-leaf
+  norms ``skip_spikes`` measured rather than measuring them again, so the
+  step reads the gradients and compiles the norms once.
 
   Args:
     inner: the optimizer whose steps are taken or skipped, an
