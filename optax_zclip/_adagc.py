@@ -210,11 +210,9 @@ def adagc(
       f = jnp.minimum(1.0, _numerics.as_f32(max_grad_norm) / (g + e))
       f = jnp.where(finite_g, f, 1.0)
 
-    # The rule of each tensor on its own scalars (its norm and gamma are
-    # buffers of their own), so that XLA compiles one kernel for all the
-    # tensors of a shape; see `_numerics.leaf_norm_list`.
-    scales, new_gammas, clipped = [], [], []
-    for norm, gamma in zip(norms, gammas, strict=True):
+    def rule(norm, gamma):
+      """(factor, new gamma, clipped) of tensors with these norms and
+      gammas: scalars, or vectors of all the tensors (elementwise)."""
       observed = jnp.isfinite(norm) & (norm > 0)
       warm_gamma = jnp.where(observed, jnp.minimum(gamma, f * norm), gamma)
       # After warm-up: per-tensor limit against gamma, then gamma's EMA. A
@@ -227,23 +225,36 @@ def adagc(
       clip = observed & (norm > limit)
       h = _numerics.clip_scale(norm, limit, e)
       # The EMA takes min(n, limit) itself, not h * n = limit * n / (n +
-      # eps), which is smaller, by a lot for a tensor whose norm is near eps.
+      # eps), which is smaller, by a lot for a tensor whose norm is near
+      # eps.
       fed = jnp.where(clip, limit, norm)
       ema_gamma = jnp.where(observed, b * ref + (1 - b) * fed, gamma)
-      scales.append(jnp.where(warm, f, h))
       # A non-finite step is not an observation for any tensor (like ZClip's
       # statistics); count does not move either, so gamma and count agree
       # on how many steps gamma has seen.
-      new_gammas.append(jnp.where(
-          finite_g, jnp.where(warm, warm_gamma, ema_gamma), gamma))
-      clipped.append(jnp.where(warm, (f < 1) & (norm > 0), clip))
+      new_gamma = jnp.where(
+          finite_g, jnp.where(warm, warm_gamma, ema_gamma), gamma)
+      return (jnp.where(warm, f, h), new_gamma,
+              jnp.where(warm, (f < 1) & (norm > 0), clip))
+
+    # Each tensor's factor and gamma from its own scalars (its norm and
+    # gamma are buffers of their own), so that XLA compiles one kernel for
+    # all the tensors of a shape (see `_numerics.leaf_norm_list`); the
+    # telemetry from the same rule on the vectors of all of them, a few
+    # instructions in all rather than a few per tensor.
+    scales, new_gammas = [], []
+    for norm, gamma in zip(norms, gammas, strict=True):
+      scale, new_gamma, _ = rule(norm, gamma)
+      scales.append(scale)
+      new_gammas.append(new_gamma)
 
     out = treedef.unflatten(
         [_numerics.scale_leaf(x, s)
          for x, s in zip(leaves, scales, strict=True)])
     if norms:
-      clipped_norm = _numerics.norm_of_norms(norm_vector * jnp.stack(scales))
-      num_clipped = jnp.sum(jnp.stack(clipped), dtype=jnp.int32)
+      scale_vector, _, clipped = rule(norm_vector, jnp.stack(gammas))
+      clipped_norm = _numerics.norm_of_norms(norm_vector * scale_vector)
+      num_clipped = jnp.sum(clipped, dtype=jnp.int32)
     else:
       clipped_norm, num_clipped = g, jnp.zeros([], jnp.int32)
     new_state = AdaGCState(

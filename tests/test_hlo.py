@@ -40,12 +40,14 @@ def _counts(text):
   out = {}
   entry = text[text.index("\nENTRY"):]
   for s in SHAPES.values():
-    ty = re.escape("f32[" + ",".join(map(str, s)) + "]")
+    dims = re.escape(",".join(map(str, s)))
+    ty = rf"f32\[{dims}\]"
     out[s] = {
         # Gradient-sized buffers the step materialises.
         "buffers": len(re.findall(rf"= {ty}\S* fusion\(", entry)),
         "divide": len(re.findall(rf"= {ty}\S* divide\(", text)),
-        "select": len(re.findall(rf"= (?:{ty}|pred\[[\d,]+\])\S* select\(",
+        # Elementwise selects over the leaf (of its values or predicates).
+        "select": len(re.findall(rf"= (?:f32|pred)\[{dims}\]\S* select\(",
                                  text)),
         "multiply": len(re.findall(rf"= {ty}\S* multiply\(", text)),
     }
@@ -148,7 +150,8 @@ def _train_step_buffers(tx, with_value=False):
   entry = text[text.index("\nENTRY"):]
   out = {}
   for s in MLP.values():
-    ty = re.escape("f32[" + ",".join(map(str, s)) + "]")
+    dims = re.escape(",".join(map(str, s)))
+    ty = rf"f32\[{dims}\]"
     for op in ("fusion", "copy"):
       out[op] = out.get(op, 0) + len(re.findall(rf"= {ty}\S* {op}\(", entry))
   return out
