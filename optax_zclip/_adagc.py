@@ -195,7 +195,7 @@ def adagc(
     e = _numerics.as_f32(eps)
 
     norms = _numerics.leaf_norm_list(updates, axis_name)
-    norm_vector = jnp.stack(norms) if norms else jnp.zeros([0], F32)
+    norm_vector = _numerics.stack_norms(norms)
     g = _numerics.norm_of_norms(norm_vector)
     finite_g = jnp.isfinite(g)
     warm = state.count < warmup_steps

@@ -176,7 +176,11 @@ def leaf_norms(tree: Any, axis_name: AxisName = None) -> jax.Array:
   Raises:
     ValueError: if a leaf is not floating point (`check_float_leaves`).
   """
-  norms = leaf_norm_list(tree, axis_name)
+  return stack_norms(leaf_norm_list(tree, axis_name))
+
+
+def stack_norms(norms: Sequence[jax.Array]) -> jax.Array:
+  """The scalars of `leaf_norm_list` as one float32 vector (empty: [0])."""
   return jnp.stack(norms) if norms else jnp.zeros([0], F32)
 
 

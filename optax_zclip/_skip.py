@@ -321,8 +321,7 @@ def skip_spikes(
 
     sig = _numerics.as_f32(sigma)
     leaf_norms = _numerics.leaf_norm_list(updates, axis_name)
-    g_norm = _numerics.norm_of_norms(
-        jnp.stack(leaf_norms) if leaf_norms else jnp.zeros([0], F32))
+    g_norm = _numerics.norm_of_norms(_numerics.stack_norms(leaf_norms))
     held = jnp.arange(window) < state.size
     norm_spike, norm_threshold = _test(g_norm, state.norms, held, state.size,
                                        min_history, sig)
