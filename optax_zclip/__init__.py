@@ -18,7 +18,11 @@ from optax_zclip._autoclip import AutoClipState, autoclip
 from optax_zclip._clip import ClipByGlobalNormState, clip_by_global_norm
 from optax_zclip._metrics import count_spikes, spike_mask, spike_score
 from optax_zclip._replay import replay
-from optax_zclip._skip import SkipSpikesState, skip_spikes
+from optax_zclip._skip import (
+    SkipSpikesFallbackWarning,
+    SkipSpikesState,
+    skip_spikes,
+)
 from optax_zclip._stats import loggable_state, stats
 from optax_zclip._zclip import ZClipState, zclip
 
@@ -28,6 +32,7 @@ __all__ = [
     "AdaGCState",
     "AutoClipState",
     "ClipByGlobalNormState",
+    "SkipSpikesFallbackWarning",
     "SkipSpikesState",
     "ZClipState",
     "adagc",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.extend import core as jex_core
 
-from optax_zclip import _numerics, _validation
+from optax_zclip import _compat, _numerics, _validation
 from optax_zclip._numerics import F32, AxisName
 from optax_zclip._stats import loggable_state
 
@@ -105,6 +105,25 @@ def _test(x, values, valid, n, min_history, sigma):
   return outlier, jnp.where(active, mean + sigma * std, jnp.inf)
 
 
+class SkipSpikesFallbackWarning(UserWarning):
+  """`skip_spikes` selected its inner update's whole new state after the fact.
+
+  Emitted once each time an update is traced (under `jax.jit`, once per
+  compilation) when the zero-copy replay of the inner update could not run
+  on the installed JAX: a construct of its jaxpr or an internal API the
+  replay does not know (the message names it). The step is then computed as
+  ``where(keep, new, old)`` over the inner update's outputs: the same
+  decisions, updates and states, bit for bit, but XLA keeps a copy of the
+  old optimizer state, about +2x the parameters' bytes of memory for AdamW.
+  Silence it with ``warnings.filterwarnings("ignore",
+  category=optax_zclip.SkipSpikesFallbackWarning)`` once the cost is known.
+
+  References:
+    The Skipping guide's section on the fallback, and the Performance
+    guide's memory table.
+  """
+
+
 def _gated_update(update: Any, keep: jax.Array, updates: Any,
                   state: Any) -> tuple[Any, Any]:
   """``update(updates, state)`` where ``keep``; else zeros and ``state``.
@@ -118,16 +137,22 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
   into `optax.apply_updates` (+1x memory, +3x traffic).
 
   Here the update is traced once into a jaxpr and replayed into the current
-  trace, and each new state value is replaced by its ``where(keep, new,
-  old)`` the moment it is computed, so that everything computed from it,
-  the updates included, reads the selected value. XLA then sees the
-  unwrapped update's dataflow (the step reads the moments it has just
-  written in place) with one select folded into each loop: no copy and no
-  extra pass. Where ``keep`` holds, ``where`` returns ``new`` bit for bit,
-  so a kept step is exactly ``update``'s; where it does not, the updates
-  computed from the old state are replaced by zeros, and every state leaf
-  is the old one (a state leaf that could not be substituted, a constant or
-  a value shared by two leaves, is selected at the end).
+  trace (`_compat.replay_jaxpr`), and each new state value is replaced by
+  its ``where(keep, new, old)`` the moment it is computed, so that
+  everything computed from it, the updates included, reads the selected
+  value. XLA then sees the unwrapped update's dataflow (the step reads the
+  moments it has just written in place) with one select folded into each
+  loop: no copy and no extra pass. Where ``keep`` holds, ``where`` returns
+  ``new`` bit for bit, so a kept step is exactly ``update``'s; where it
+  does not, the updates computed from the old state are replaced by zeros,
+  and every state leaf is the old one (a state leaf that could not be
+  substituted, a constant or a value shared by two leaves, is selected at
+  the end).
+
+  If the replay cannot run (`_compat.ReplayUnsupported`: a jaxpr construct
+  or JAX API it does not know), the select is made on the outputs instead,
+  the same values at the cost of the copy, with a
+  `SkipSpikesFallbackWarning` naming the cause.
   """
   flat_in, in_tree = jax.tree.flatten((updates, state))
   n_in = len(jax.tree.leaves(updates))
@@ -140,44 +165,53 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
       return update(*jax.tree.unflatten(in_tree, flat))
 
   closed, out_shape = jax.make_jaxpr(flat_update, return_shape=True)(*flat_in)
-  jaxpr = closed.jaxpr
   n_updates = len(jax.tree.leaves(out_shape[0]))
+  updates_tree = jax.tree.structure(out_shape[0])
+  state_tree = jax.tree.structure(out_shape[1])
+  try:
+    return _replayed(closed, flat_in, keep, old, n_updates, updates_tree,
+                     state_tree)
+  except _compat.ReplayUnsupported as e:
+    cause = str(e)
+  warnings.warn(
+      "skip_spikes: the zero-copy replay of the inner update cannot run on "
+      f"jax {jax.__version__} ({cause}); each step selects the inner "
+      "update's whole new state instead. The decisions, updates and states "
+      "are the same, but XLA keeps a copy of the old optimizer state: about "
+      "+2x the parameters' bytes of memory for AdamW. Please report it "
+      "with your jax version.", SkipSpikesFallbackWarning, stacklevel=3)
+  new_updates, new_state = update(updates, state)
+  return (jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros([], u.dtype)),
+                       new_updates),
+          jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state))
+
+
+def _replayed(closed, flat_in, keep, old, n_updates, updates_tree,
+              state_tree):
+  """`_gated_update`'s result by replaying ``closed`` (see there)."""
+  jaxpr = closed.jaxpr
   state_vars = jaxpr.outvars[n_updates:]
   uses: dict[Any, int] = {}
   for v in state_vars:
-    if isinstance(v, jex_core.Var):
+    if not _compat.is_literal(v):
       uses[v] = uses.get(v, 0) + 1
   inputs = set(jaxpr.invars)
   select = {v: o for v, o in zip(state_vars, old, strict=True)
-            if isinstance(v, jex_core.Var) and v not in inputs and uses[v] == 1}
+            if not _compat.is_literal(v) and v not in inputs
+            and uses[v] == 1}
 
-  env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
-  env.update(zip(jaxpr.invars, flat_in, strict=True))
+  def substitute(v, x):
+    return jnp.where(keep, x, select[v]) if v in select else x
 
-  def read(v):
-    return v.val if isinstance(v, jex_core.Literal) else env[v]
-
-  for eqn in jaxpr.eqns:
-    params = eqn.primitive.get_bind_params(eqn.params)
-    # Older jax versions return (sub-functions, params).
-    subfuns, params = params if isinstance(params, tuple) else ((), params)
-    with eqn.ctx.manager:  # the equation's context (e.g. its sharding)
-      out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
-    results = out if eqn.primitive.multiple_results else [out]
-    for v, x in zip(eqn.outvars, results, strict=True):
-      if isinstance(v, jex_core.DropVar):
-        continue
-      env[v] = jnp.where(keep, x, select[v]) if v in select else x
-
-  outs = [read(v) for v in jaxpr.outvars]
+  outs = _compat.replay_jaxpr(closed, flat_in, substitute)
   new_updates = [jnp.where(keep, u, jnp.zeros([], u.dtype))
                  for u in outs[:n_updates]]
   new_state = [
-      x if isinstance(v, jex_core.Var) and v in select
+      x if not _compat.is_literal(v) and v in select
       else jnp.where(keep, x, o)
       for v, x, o in zip(state_vars, outs[n_updates:], old, strict=True)]
-  return (jax.tree.unflatten(jax.tree.structure(out_shape[0]), new_updates),
-          jax.tree.unflatten(jax.tree.structure(out_shape[1]), new_state))
+  return (jax.tree.unflatten(updates_tree, new_updates),
+          jax.tree.unflatten(state_tree, new_state))
 
 
 def skip_spikes(

@@ -168,6 +168,22 @@ def _find(node: Any, path: tuple) -> Any:
         yield from _find(child, (*path, *key))
 
 
+def _path_name(path: tuple[Any, ...]) -> str:
+  """``a.0.b`` for a path of attribute, dict and sequence keys alike, so that
+  a name does not depend on how an nnx.Optimizer was passed in (what
+  ``jax.tree_util.keystr(path, simple=True, separator=".")`` gives on the
+  JAX releases that have those arguments)."""
+  parts = []
+  for key in path:
+    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey, SequenceKey
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts)
+
+
 def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   """Telemetry of the clipping transform(s) inside an optimizer state.
 
@@ -240,10 +256,7 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
     # state joins the optimizer (wrapping the chain in `skip_spikes`, say).
     prefix = _DECLARED[cls].name
     if sum(c is cls for _, _, c in found) > 1:
-      # `simple` renders attribute, dict and sequence keys alike, so the
-      # name does not depend on how an nnx.Optimizer was passed in.
-      prefix += "[" + jax.tree_util.keystr(path, simple=True,
-                                           separator=".") + "]"
+      prefix += "[" + _path_name(path) + "]"
     prefix += "/"
     result.update({prefix + k: v for k, v in _report(cls, node).items()})
   return result

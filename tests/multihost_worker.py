@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from references import make_sequence
 
 import optax_zclip
+from optax_zclip import _compat
 
 SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 SEQ = make_sequence(steps=55, seed=5, shapes=SHAPES)  # spikes at 6, 31, 50
@@ -52,7 +53,7 @@ def main(process_id: int, port: int, out_dir: pathlib.Path) -> None:
       "jit": (optax_zclip.zclip(**CFG), lambda tx: jax.jit(tx.update)),
       "shard_map": (
           optax_zclip.zclip(**CFG, axis_name="data"),
-          lambda tx: jax.jit(jax.shard_map(
+          lambda tx: jax.jit(_compat.shard_map(
               tx.update, mesh=mesh, in_specs=(SPECS, P()),
               out_specs=(SPECS, P())))),
   }

@@ -16,6 +16,7 @@ from references import (
 )
 
 import optax_zclip
+from optax_zclip import _compat
 
 ZCLIP_FIELDS = optax_zclip.ZClipState._fields
 
@@ -256,8 +257,9 @@ def test_axis_name_under_shard_map_on_one_device():
   mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
   tx = optax_zclip.zclip(warmup_steps=2, axis_name="data")
   P = jax.sharding.PartitionSpec
-  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(P("data"), P()),
-                               out_specs=(P("data"), P())))
+  step = jax.jit(_compat.shard_map(
+      tx.update, mesh=mesh, in_specs=(P("data"), P()),
+      out_specs=(P("data"), P())))
   state = tx.init(None)
   ref = ZClipRef(warmup_steps=2)
   for g in [0.5, 0.7, 0.6, 5.0]:

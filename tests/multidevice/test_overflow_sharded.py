@@ -29,6 +29,8 @@ from references import (
 )
 from transforms import CLIPPERS, TRANSFORMS
 
+from optax_zclip import _compat
+
 SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 # Each leaf split in 8 along one axis; device i holds the i-th slice (for
 # "emb", rows 4i to 4i + 3), as `pmap` gets it from `reshape(8, -1)`.
@@ -92,8 +94,9 @@ def _shard_map_run(case):
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
   tx = CASES[case](axis_name="data")
-  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(SPECS, P()),
-                               out_specs=(SPECS, P())))
+  step = jax.jit(_compat.shard_map(tx.update, mesh=mesh,
+                                   in_specs=(SPECS, P()),
+                                   out_specs=(SPECS, P())))
   state = jax.device_put(tx.init(SEQ[0]), NamedSharding(mesh, P()))
   rows = []
   for grads in SEQ:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from references import (
   SkipSpikesRef,
@@ -25,6 +25,7 @@ from references import (
 )
 
 import optax_zclip
+from optax_zclip import _compat
 
 SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 WINDOW, SIGMA = 16, 3.0
@@ -56,8 +57,7 @@ def make_tx(axis_name=None):
 
 
 def _mesh(shape, names):
-  return Mesh(np.asarray(jax.devices()).reshape(shape), names,
-              axis_types=(AxisType.Auto,) * len(names))
+  return _compat.mesh(np.asarray(jax.devices()).reshape(shape), names)
 
 
 
@@ -96,7 +96,7 @@ def test_sharded_jit_fsdp_needs_no_axis_name():
            "conv": P()}  # one leaf replicated, the rest sharded
   shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
   tx = make_tx()
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     step = jax.jit(_update(tx))
     state = tx.init(SEQ[0])
     rows = []
@@ -123,9 +123,9 @@ def test_shard_map_with_sharded_grads_and_axis_name(layout):
              "b": P(("tp", "fsdp")), "conv": P("fsdp", "tp")}
   shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
   tx = make_tx(axis_name)
-  step = jax.jit(jax.shard_map(_update(tx), mesh=mesh,
-                               in_specs=(specs, P(), P()),
-                               out_specs=(specs, P())))
+  step = jax.jit(_compat.shard_map(_update(tx), mesh=mesh,
+                                   in_specs=(specs, P(), P()),
+                                   out_specs=(specs, P())))
   state = jax.device_put(tx.init(SEQ[0]), NamedSharding(mesh, P()))
   rows = []
   for grads, loss in zip(SEQ, LOSSES, strict=True):
