@@ -3,16 +3,55 @@
 The tests under ``multidevice/`` need 8 simulated CPU devices, which must be
 requested before JAX starts; `test_multidevice.py` runs them in a subprocess
 with that setting, so the rest of the suite keeps one device.
+
+``--library-only`` runs the library's tests alone, as CI's job on the
+declared floors of jax, optax and numpy does (Flax's releases that the
+examples need do not install with those): it leaves out the tests marked
+``examples``, which need flax and the examples, and does not even import a
+file marked so as a whole (``pytestmark = pytest.mark.examples``), since it
+imports flax.
 """
 
 import fcntl
 import os
+import pathlib
 import pickle
 
 import pytest
 
 if os.environ.get("OPTAX_ZCLIP_MULTIDEVICE") != "1":
   collect_ignore = ["multidevice"]
+
+_WHOLE_FILE_MARK = "\npytestmark = pytest.mark.examples\n"
+
+
+def marked_examples(path: pathlib.Path) -> bool:
+  """Whether the test file at ``path`` is marked ``examples`` as a whole."""
+  return _WHOLE_FILE_MARK in path.read_text()
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--library-only", action="store_true",
+      help="run the library's tests alone: leave out those marked "
+      "`examples` (they need flax and the examples), as CI's floor job does")
+
+
+def pytest_ignore_collect(collection_path, config):
+  if (config.getoption("--library-only") and collection_path.suffix == ".py"
+      and collection_path.name.startswith("test_")
+      and marked_examples(collection_path)):
+    return True
+  return None
+
+
+def pytest_collection_modifyitems(config, items):
+  if not config.getoption("--library-only"):
+    return
+  dropped = [item for item in items if "examples" in item.keywords]
+  if dropped:
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = [item for item in items if "examples" not in item.keywords]
 
 
 @pytest.fixture(scope="session")

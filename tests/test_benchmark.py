@@ -29,6 +29,7 @@ def test_tiny_run_prints_every_variant(capsys):
       assert 0 < lo <= med <= hi
 
 
+@pytest.mark.examples
 def test_train_step_tiny_run(capsys):
   import train_step  # noqa: PLC0415 (imports flax and the demo's model)
 

@@ -4,15 +4,14 @@ MaxText, Levanter and the Flax examples donate params and optimizer state to
 the jitted step so that they are updated in place. That fails on the first
 step ("Attempt to donate the same buffer twice") if two leaves of a state
 share one buffer, so: no leaf of any state from ``init`` or ``update`` may
-share a buffer with another; every transform chained before AdamW runs under
-``jax.jit`` with donation and under ``nnx.jit(donate_argnums=(0, 1))``, each
-compiling its step once; and an Orbax checkpoint of a donated state, restored
-mid-run, continues bit-identically. `skip_spikes` wraps the whole chain and
-is passed the loss; its decisions are checked against its float64
-reference. (The same under sharded jit on 8 devices
-is in ``multidevice/test_donation_sharded.py``.) The values are checked
-against float64 norms so that a donated run is known to be right, not only to
-run.
+share a buffer with another; and every transform chained before AdamW runs
+under ``jax.jit`` with donation, compiling its step once. `skip_spikes` wraps
+the whole chain and is passed the loss; its decisions are checked against
+its float64 reference. (The same under ``nnx.jit(donate_argnums=(0, 1))``,
+with an Orbax restore of the donated state, is in ``test_nnx.py``; under
+sharded jit on 8 devices in ``multidevice/test_donation_sharded.py``.) The
+values are checked against float64 norms so that a donated run is known to
+be right, not only to run.
 """
 
 from __future__ import annotations
@@ -23,12 +22,9 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 from references import tree_norm64
 from transforms import (
   CLIPPERS,
@@ -36,7 +32,6 @@ from transforms import (
   SPIKE,
   TRANSFORMS,
   chain_state,
-  counted_steps,
   grad_norm,
   grads_at,
   loss_at,
@@ -85,7 +80,9 @@ REGISTRY_SUITES = [
     "test_long_runs.py", "test_composition.py", "test_checkpoint.py",
     "test_donation.py", "test_errors.py", "multidevice/test_sharded.py",
     "multidevice/test_overflow_sharded.py",
-    "multidevice/test_donation_sharded.py"]
+    "multidevice/test_donation_sharded.py",
+    # Imports flax: with the examples' tests.
+    pytest.param("test_nnx.py", marks=pytest.mark.examples)]
 
 
 @pytest.mark.parametrize("path", REGISTRY_SUITES)
@@ -186,95 +183,3 @@ def test_jax_jit_with_params_and_state_donated(name):
   _assert_bits_equal((params, state), _undonated_run(name))
 
 
-class _Model(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(6, 16, rngs=rngs)
-    self.l2 = nnx.Linear(16, 1, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(nnx.gelu(self.l1(x)))
-
-
-def _batch(t):
-  rng = np.random.default_rng(100 + t)
-  x = rng.standard_normal((32, 6)).astype(np.float32)
-  y = np.sin(x.sum(axis=1, keepdims=True)).astype(np.float32)
-  if t == SPIKE:
-    y = y * 50.0  # bad labels: a gradient spike
-  return jnp.asarray(x), jnp.asarray(y)
-
-
-def _nnx_step(traces):
-  @nnx.jit(donate_argnums=(0, 1))
-  def train_step(model, optimizer, x, y):
-    traces.append(1)
-
-    def loss_fn(model):
-      return jnp.mean((model(x) - y) ** 2)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads, value=loss)
-    return loss, grads, optax_zclip.stats(optimizer)
-
-  return train_step
-
-
-@pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_nnx_jit_with_model_and_optimizer_donated(name):
-  model = _Model(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
-  traces = []
-  train_step = _nnx_step(traces)
-  ref = wrapper_reference(name)
-  for t in range(STEPS):
-    old = jax.tree.leaves((nnx.state(model),
-                           chain_state(name, optimizer.opt_state)[1]))
-    loss, grads, logged = train_step(model, optimizer, *_batch(t))
-    assert all(x.is_deleted() for x in old)
-    norm64 = tree_norm64(jax.tree.leaves(grads))
-    np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
-    if ref is not None:
-      skip = ref.step(norm64, float(loss))["skip"]
-      assert int(logged["skip/skipped"]) == skip, t
-      assert skip or t != SPIKE
-  assert len(traces) == 1
-  # The transform before AdamW saw every step but the skipped ones.
-  assert int(counted_steps(name, logged)) == STEPS - (ref.skips if ref else 0)
-
-
-def _split_run(name, save_at, directory):
-  """A donated nnx run, checkpointed at ``save_at`` and resumed from it."""
-  model = _Model(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
-  train_step = _nnx_step([])
-  with ocp.StandardCheckpointer() as ckptr:
-    for t in range(STEPS):
-      if t == save_at:
-        ckptr.save(directory, {"model": nnx.state(model),
-                               "optimizer": nnx.state(optimizer)})
-        # The next step donates these buffers: the save must have read them.
-        ckptr.wait_until_finished()
-      train_step(model, optimizer, *_batch(t))
-    uninterrupted = nnx.state((model, optimizer))
-
-    # A new process would build the model and optimizer afresh and restore
-    # into their abstract state.
-    model = _Model(nnx.Rngs(123))
-    optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
-    target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = ckptr.restore(directory, abstract)
-  nnx.update(model, restored["model"])
-  nnx.update(optimizer, restored["optimizer"])
-  for t in range(save_at, STEPS):
-    train_step(model, optimizer, *_batch(t))
-  return uninterrupted, nnx.state((model, optimizer))
-
-
-@pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_orbax_restore_of_a_donated_state_continues_bit_identically(
-    name, tmp_path):
-  uninterrupted, resumed = _split_run(name, save_at=SPIKE - 2,
-                                      directory=tmp_path / "ckpt")
-  _assert_bits_equal(resumed, uninterrupted)

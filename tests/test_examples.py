@@ -3,6 +3,10 @@
 import pathlib
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.examples
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 

@@ -11,9 +11,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import marked_examples
 
 HERE = pathlib.Path(__file__).resolve().parent
-FILES = sorted(p.name for p in (HERE / "multidevice").glob("test_*.py"))
+FILES = [pytest.param(p.name, marks=[pytest.mark.examples]
+                      if marked_examples(p) else [])
+         for p in sorted((HERE / "multidevice").glob("test_*.py"))]
 
 
 @pytest.mark.parametrize("name", FILES)

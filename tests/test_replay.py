@@ -140,6 +140,7 @@ def test_skip_with_losses_matches_the_float64_reference(result):
   assert steps[LOSS_SPIKE]["loss_out"] and not steps[LOSS_SPIKE]["norm_out"]
 
 
+@pytest.mark.examples
 def test_replays_what_a_zclip_run_of_the_demo_logged(spike_demo_run):
   """The demo's ZClip run (and its ZClip inside skip_spikes) logged each
   step's norm before clipping, threshold and decisions; replaying those

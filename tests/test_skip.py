@@ -8,9 +8,10 @@ be the reference's (`references.SkipSpikesRef`, a deque of pairs), a skipped
 step must return zeros and leave the inner state bit-identical, and the run
 must equal the inner chain run on the kept steps only. Then the wrappers
 (`optax.MultiSteps`, `optax.apply_if_finite`, `optax.inject_hyperparams`),
-Flax NNX with the loss passed to ``optimizer.update``, an Orbax restore in the
-middle of the window, the telemetry, the edge cases and the compiled HLO (one
-reduction of the gradients for the norm, shared with ZClip's).
+an Orbax restore in the middle of the window, the telemetry, the edge cases
+and the compiled HLO (one reduction of the gradients for the norm, shared
+with ZClip's). Flax NNX, with the loss passed to ``optimizer.update``, is in
+``test_nnx.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 from references import SHAPES, SkipSpikesRef, tree_norm64
 from transforms import CLIPPERS, TRANSFORMS
 
@@ -322,7 +322,7 @@ def test_the_loss_may_be_any_real_scalar_but_not_a_vector():
 
 
 # --------------------------------------------------------------------------
-# Inside Optax's wrappers, and Flax NNX.
+# Inside Optax's wrappers.
 
 
 @pytest.mark.parametrize("with_loss", [True, False])
@@ -484,50 +484,6 @@ def test_window_must_be_static_under_inject_hyperparams():
   with pytest.raises(ValueError, match="static_args=\\('window',\\)"):
     optax.inject_hyperparams(optax_zclip.skip_spikes)(
         inner, window=8).init({"w": jnp.zeros(2)})
-
-
-class _MLP(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(4, 8, rngs=rngs)
-    self.l2 = nnx.Linear(8, 1, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(nnx.relu(self.l1(x)))
-
-
-def test_nnx_optimizer_update_passes_the_loss():
-  model = _MLP(nnx.Rngs(0))
-  tx = _skip_tx(8, 4.0)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit(donate_argnums=(0, 1))
-  def train_step(model, optimizer, x, y):
-    def loss_fn(model):
-      return jnp.mean((model(x) - y) ** 2)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads, value=loss)
-    return loss, grads, optax_zclip.stats(optimizer)
-
-  rng = np.random.default_rng(0)
-  ref = SkipSpikesRef(window=8, sigma=4.0)
-  for t in range(24):
-    x = rng.standard_normal((16, 4)).astype(np.float32)
-    y = np.sin(x.sum(axis=1, keepdims=True)).astype(np.float32)
-    if t == 15:
-      y = y * 40.0  # bad labels: a loss and gradient spike
-    loss, grads, s = train_step(model, optimizer, x, y)
-    want = ref.step(tree_norm64(jax.tree.leaves(grads)), float(loss))
-    assert int(s["skip/skipped"]) == want["skip"], t
-    np.testing.assert_allclose(s["skip/grad_norm"],
-                               tree_norm64(jax.tree.leaves(grads)),
-                               rtol=1e-5)
-    assert want["skip"] or t != 15
-  # ZClip saw only the kept steps.
-  assert int(s["zclip/count"]) == 24 - ref.skips
-  outside = optax_zclip.stats(nnx.state(optimizer))
-  assert set(outside) == set(s)
 
 
 # --------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from flax import nnx
 
 import optax_zclip
 
+pytestmark = pytest.mark.examples
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES / "spike_demo"))
 sys.path.insert(0, str(EXAMPLES))

@@ -4,6 +4,9 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.examples
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]
                        / "examples"))
