@@ -1,7 +1,9 @@
 """Peak memory and memory traffic of a donated train step, from XLA itself.
 
 For each clipping transform chained before AdamW, alone and wrapped in
-`optax_zclip.skip_spikes`, compiles a donated ``jax.jit`` train step (forward,
+`optax_zclip.skip_spikes` (and once with `skip_spikes`' fallback forced, the
+whole-state select it falls back to where its jaxpr replay cannot run),
+compiles a donated ``jax.jit`` train step (forward,
 backward, update, ``optax.apply_updates``) on 16 float32 matrices of
 1024x1024 (64 MiB of parameters) and prints, over bare ``optax.adamw``:
 
@@ -22,12 +24,16 @@ not run it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import warnings
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import optax_zclip
+from optax_zclip import _compat
 
 
 def _adamw():
@@ -35,13 +41,16 @@ def _adamw():
 
 
 def plain_norm_and_scale() -> optax.GradientTransformation:
-  """The floor of any unfused global clip: ``optax.tree.norm`` and a scale
-  by ``1 / max(norm, 1)``, one read of the gradients and nothing else."""
+  """The floor of any unfused global clip: a plain global L2 norm and a
+  scale by ``1 / max(norm, 1)``, one read of the gradients and nothing
+  else."""
 
   def update(updates, state, params=None):
     del params
-    norm = optax.tree.norm(updates)
-    return optax.tree.scale(1.0 / jnp.maximum(norm, 1.0), updates), state
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x))
+                        for x in jax.tree.leaves(updates)))
+    scale = 1.0 / jnp.maximum(norm, 1.0)
+    return jax.tree.map(lambda x: x * scale, updates), state
 
   return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
@@ -64,6 +73,26 @@ def variants() -> dict[str, tuple[optax.GradientTransformation, bool]]:
     out[f"skip_spikes({name}+adamw)"] = (optax_zclip.skip_spikes(
         optax.chain(make(), _adamw())), True)
   return out
+
+
+@contextlib.contextmanager
+def replay_unavailable() -> Iterator[None]:
+  """`skip_spikes` traced in here takes its fallback, as on a JAX whose
+  jaxpr replay fails (and its warning is silenced)."""
+  def unsupported(*args, **kwargs):
+    raise _compat.ReplayUnsupported("forced by benchmarks/memory.py")
+
+  real = _compat.replay_jaxpr
+  _compat.replay_jaxpr = unsupported
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", optax_zclip.SkipSpikesFallbackWarning)
+      yield
+  finally:
+    _compat.replay_jaxpr = real
+
+
+FALLBACK = "skip_spikes(zclip+adamw), fallback forced"
 
 
 def analyse(tx: optax.GradientTransformation, with_value: bool,
@@ -98,6 +127,9 @@ def table(matrices: int = 16, size: int = 1024) -> dict[str, tuple[float,
   param_bytes = matrices * size * size * 4
   rows = {name: analyse(tx, v, matrices, size)
           for name, (tx, v) in variants().items()}
+  with replay_unavailable():
+    rows[FALLBACK] = analyse(variants()["skip_spikes(zclip+adamw)"][0], True,
+                             matrices, size)
   temp0, bytes0 = rows["adamw"]
   return {name: ((t - temp0) / param_bytes, (b - bytes0) / param_bytes)
           for name, (t, b) in rows.items()}

@@ -21,7 +21,7 @@ import api_coverage  # noqa: E402
 def _api_directives() -> list[str]:
   names = []
   for page in sorted((ROOT / "docs" / "api").glob("*.rst")):
-    names += re.findall(r"^\.\. auto(?:function|class):: (\w+)\s*$",
+    names += re.findall(r"^\.\. auto(?:function|class|exception):: (\w+)\s*$",
                         page.read_text(), flags=re.M)
   return names
 

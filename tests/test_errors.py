@@ -240,15 +240,19 @@ def test_concrete_jax_arrays_are_checked_and_tracers_are_not():
 TRANSFORMS = {"zclip": optax_zclip.zclip, "adagc": optax_zclip.adagc}
 
 
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_,
-                                   jax.dtypes.float0])
+# Each dtype and the name the message gives it (NumPy's dtype name, the same
+# under NumPy 1 and 2, whose scalar type is `bool_` in one, `bool` in the
+# other).
+@pytest.mark.parametrize("dtype,dtype_name", [
+    (jnp.int32, "int32"), (jnp.int8, "int8"), (jnp.uint8, "uint8"),
+    (jnp.bool_, "bool"), (jax.dtypes.float0, "float0")],
+    ids=["int32", "int8", "uint8", "bool", "float0"])
 @pytest.mark.parametrize("name", list(transforms.TRANSFORMS))
-def test_a_leaf_that_is_not_floating_point_is_refused_when_traced(name,
-                                                                  dtype):
+def test_a_leaf_that_is_not_floating_point_is_refused_when_traced(
+    name, dtype, dtype_name):
   tx = transforms.with_adamw(name)
   grads = {"w": jnp.ones(3), "layer": {"steps": np.zeros((2,), dtype)}}
   state = tx.init({"w": jnp.ones(3), "layer": {"steps": jnp.zeros(2)}})
-  dtype_name = "float0" if dtype is jax.dtypes.float0 else dtype.__name__
   pattern = (r"^the updates must be floating-point \(or complex\) arrays; "
              rf"the leaf at \['layer'\]\['steps'\] has dtype {dtype_name}\.")
   with pytest.raises(ValueError, match=pattern):

@@ -26,10 +26,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from references import SHAPES, SkipSpikesRef, tree_norm64
-from transforms import CLIPPERS, TRANSFORMS
+from transforms import CLIPPERS, TRANSFORMS, WRAPPERS, with_adamw
 
 import optax_zclip
-from optax_zclip import _numerics
+from optax_zclip import _compat, _numerics
 
 LR = 1e-2
 ZCLIP = dict(warmup_steps=5)
@@ -487,6 +487,102 @@ def test_window_must_be_static_under_inject_hyperparams():
 
 
 # --------------------------------------------------------------------------
+# The fallback: where the replay of the inner update cannot run, the whole
+# new state is selected after the update. Same values, one warning.
+
+
+def _wrapped(name):
+  """``skip_spikes`` around ``chain(<entry>, adamw)``, for every entry."""
+  tx = with_adamw(name)
+  return tx if name in WRAPPERS else optax_zclip.skip_spikes(tx, 8, 3.0)
+
+
+def _donated_run(tx, run):
+  """Per step: (updates, state, stats) on the host, of a donated jitted run
+  with a bf16 leaf among the float32 ones."""
+  def train_step(params, state, grads, loss):
+    updates, state = tx.update(grads, state, params, value=loss)
+    return (optax.apply_updates(params, updates), state, updates,
+            optax_zclip.stats(state))
+
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  params = {**_params(), "b1": _params()["b1"].astype(jnp.bfloat16)}
+  state = tx.init(params)
+  rows = []
+  for grads, loss in run:
+    grads = {**grads, "b1": jnp.asarray(grads["b1"], jnp.bfloat16)}
+    params, state, updates, logged = step(params, state, grads, loss)
+    rows.append(jax.device_get((updates, state, logged)))
+  return rows
+
+
+# Norm, loss, both and non-finite outliers once the test is active.
+FALLBACK_RUN = make_run(36, seed=11, events={
+    10: ("norm", 30.0), 14: ("loss", 3.0), 18: ("nan_grad",),
+    19: ("inf_loss",), 24: ("both", 20.0, 3.0), 30: ("inf_grad",)})
+
+
+def _force_fallback(monkeypatch, cause="forced by the test"):
+  def unsupported(*args, **kwargs):
+    raise _compat.ReplayUnsupported(cause)
+
+  monkeypatch.setattr(_compat, "replay_jaxpr", unsupported)
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_the_fallback_gives_the_same_updates_states_and_stats(name,
+                                                              monkeypatch):
+  fast = _donated_run(_wrapped(name), FALLBACK_RUN)  # warns: an error here
+  _force_fallback(monkeypatch)
+  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning) as record:
+    slow = _donated_run(_wrapped(name), FALLBACK_RUN)
+  # One warning for the one trace of the step, not one per step.
+  assert len(record) == 1, [str(w.message) for w in record]
+  message = str(record[0].message)
+  for what in ("forced by the test", "+2x the parameters' bytes",
+               f"jax {jax.__version__}"):
+    assert what in message, message
+  for t, (a, b) in enumerate(zip(fast, slow, strict=True)):
+    _assert_bit_identical(a, b, f"step {t}")
+  skipped = [int(state.skipped) for _, state, _ in fast]
+  assert skipped[10] and skipped[18] and skipped[19] and skipped[30]
+  assert sum(skipped) < len(skipped) // 2
+
+
+def test_a_replay_that_fails_midway_falls_back_naming_the_equation(
+    monkeypatch):
+  real = _compat._bind_params
+
+  def failing(eqn):
+    if str(eqn.primitive) == "sqrt":  # AdamW's, after many equations
+      raise TypeError("a parameter this replay does not know")
+    return real(eqn)
+
+  run = FALLBACK_RUN[:14]
+  fast = _donated_run(_wrapped("zclip"), run)
+  monkeypatch.setattr(_compat, "_bind_params", failing)
+  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning,
+                    match="binding sqrt failed: TypeError: a parameter"):
+    slow = _donated_run(_wrapped("zclip"), run)
+  for t, (a, b) in enumerate(zip(fast, slow, strict=True)):
+    _assert_bit_identical(a, b, f"step {t}")
+
+
+def test_the_fallback_warns_once_per_trace(monkeypatch):
+  _force_fallback(monkeypatch)
+  tx = _wrapped("zclip")
+  params = _params()
+  grads, loss = FALLBACK_RUN[0]
+  step = jax.jit(lambda g, s: tx.update(g, s, params, value=loss))
+  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning) as record:
+    state = tx.init(params)
+    for _ in range(3):
+      _, state = step(grads, state)  # traced once
+    tx.update(grads, state, params, value=loss)  # not jitted: traced again
+  assert len(record) == 2, [str(w.message) for w in record]
+
+
+# --------------------------------------------------------------------------
 # Telemetry, checkpoints, the compiled step.
 
 
@@ -552,9 +648,10 @@ def test_orbax_restore_mid_window_continues_bit_identically(tmp_path):
       params, state = step(params, state, grads, loss)
     uninterrupted = (params, state)
     assert int(state.skip_count) >= 2
+    # The target a new process builds: shapes, dtypes and shardings.
     params = _params()
-    abstract = jax.eval_shape(lambda p: {"params": p, "state": tx.init(p)},
-                              params)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {"params": params, "state": tx.init(params)})
     restored = ckptr.restore(tmp_path / "ckpt", abstract)
   params, state = restored["params"], restored["state"]
   assert isinstance(state, optax_zclip.SkipSpikesState)

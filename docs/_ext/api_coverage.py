@@ -43,6 +43,8 @@ def missing_documentation() -> list[str]:
       for field in _described(obj._fields, _section(doc, "Attributes")):
         problems.append(f"optax_zclip.{name}: field `{field}` is not in its "
                         "docstring's Attributes section")
+    elif inspect.isclass(obj) and issubclass(obj, Warning):
+      continue  # a warning category: no arguments of its own
     elif callable(obj):
       params = [p.name for p in inspect.signature(obj).parameters.values()
                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

@@ -81,7 +81,12 @@ def _run(name, shardings, init="jit"):
       skip = ref.step(norm64, float(loss_at(t)))["skip"]
       assert int(logged["skip/skipped"]) == skip, t
       assert skip or t != SPIKE
-  assert len(traces) == (1 if init == "jit" or shardings is None else 2)
+  if init == "jit" or shardings is None:
+    assert len(traces) == 1
+  else:
+    # The eager init's scalars sit on one device: JAX releases from 0.5 on
+    # compile the step again for the second step's inputs; 0.4.36 does not.
+    assert len(traces) <= 2
   return params, state
 
 

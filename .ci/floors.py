@@ -1,0 +1,57 @@
+"""Prints the pins of CI's floor job, read from pyproject.toml.
+
+``--library``: each runtime dependency at exactly its declared floor
+(``jax>=X`` -> ``jax==X``) and jaxlib at jax's, one per line, for a pip
+constraints file. ``--tests``: what the library's tests need besides, from
+the ``test`` extra, without flax (the tests that need it are marked
+``examples`` and left out of the floor job) and lint; a package with a
+floor of its own there (orbax-checkpoint) at exactly that floor too.
+"""
+
+import pathlib
+import re
+import sys
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LEAVE_OUT = {"flax", "ruff"}
+AT_FLOOR = {"orbax-checkpoint"}
+
+
+def _split(requirement):
+  m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(?:>=\s*([^,;\s]+))?\s*",
+                   requirement)
+  if not m:
+    raise SystemExit(f"floors.py: cannot read {requirement!r}")
+  return m.group(1), m.group(2)
+
+
+def library():
+  pins = []
+  for req in _project()["dependencies"]:
+    name, floor = _split(req)
+    if floor is None:
+      raise SystemExit(f"floors.py: {name} declares no floor")
+    pins.append(f"{name}=={floor}")
+    if name == "jax":
+      pins.append(f"jaxlib=={floor}")
+  return pins
+
+
+def tests():
+  out = []
+  for req in _project()["optional-dependencies"]["test"]:
+    name, floor = _split(req)
+    if name in LEAVE_OUT:
+      continue
+    out.append(f"{name}=={floor}" if name in AT_FLOOR else req)
+  return out
+
+
+def _project():
+  return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+if __name__ == "__main__":
+  which = sys.argv[1] if len(sys.argv) > 1 else "--library"
+  print("\n".join(library() if which == "--library" else tests()))
