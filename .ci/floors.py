@@ -4,8 +4,11 @@
 (``jax>=X`` -> ``jax==X``) and jaxlib at jax's, one per line, for a pip
 constraints file. ``--tests``: what the library's tests need besides, from
 the ``test`` extra, without flax (the tests that need it are marked
-``examples`` and left out of the floor job) and lint; a package with a
-floor of its own there (orbax-checkpoint) at exactly that floor too.
+``examples`` and left out of the floor job) and lint. Orbax is pinned to
+the release the floor job was measured with: the examples' floor of it
+(0.11.17) needs jax >= 0.5, and 0.11.0 is the oldest that restores the
+library's states (it fails to import with jax >= 0.7, hence not the
+examples' floor).
 """
 
 import pathlib
@@ -15,7 +18,7 @@ import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LEAVE_OUT = {"flax", "ruff"}
-AT_FLOOR = {"orbax-checkpoint"}
+MEASURED = {"orbax-checkpoint": "0.11.0"}
 
 
 def _split(requirement):
@@ -44,7 +47,7 @@ def tests():
     name, floor = _split(req)
     if name in LEAVE_OUT:
       continue
-    out.append(f"{name}=={floor}" if name in AT_FLOOR else req)
+    out.append(f"{name}=={MEASURED[name]}" if name in MEASURED else req)
   return out
 
 

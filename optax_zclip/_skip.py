@@ -114,7 +114,8 @@ class SkipSpikesFallbackWarning(UserWarning):
   replay does not know (the message names it). The step is then computed as
   ``where(keep, new, old)`` over the inner update's outputs: the same
   decisions, updates and states, bit for bit, but XLA keeps a copy of the
-  old optimizer state, about +2x the parameters' bytes of memory for AdamW.
+  old optimizer state: for AdamW, +1.94x the parameters' bytes of peak
+  memory and +5.0x of memory traffic (``benchmarks/memory.py``).
   Silence it with ``warnings.filterwarnings("ignore",
   category=optax_zclip.SkipSpikesFallbackWarning)`` once the cost is known.
 
@@ -177,9 +178,9 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
       "skip_spikes: the zero-copy replay of the inner update cannot run on "
       f"jax {jax.__version__} ({cause}); each step selects the inner "
       "update's whole new state instead. The decisions, updates and states "
-      "are the same, but XLA keeps a copy of the old optimizer state: about "
-      "+2x the parameters' bytes of memory for AdamW. Please report it "
-      "with your jax version.", SkipSpikesFallbackWarning, stacklevel=3)
+      "are the same, but XLA keeps a copy of the old optimizer state: for "
+      "AdamW about +2x the parameters' bytes of memory and +5x of memory "
+      "traffic. Please report it with your jax version.", SkipSpikesFallbackWarning, stacklevel=3)
   new_updates, new_state = update(updates, state)
   return (jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros([], u.dtype)),
                        new_updates),
@@ -270,6 +271,14 @@ def skip_spikes(
   the head of ``inner`` (with the same ``axis_name``) takes the per-leaf
   norms ``skip_spikes`` measured rather than measuring them again, so the
   step reads the gradients and compiles the norms once.
+
+  The selecting-as-computed replays the inner update's jaxpr, an internal
+  format of JAX. Where the replay cannot handle it (a construct it does not
+  know, or an API moved in a JAX release newer than this package), the
+  whole new state is selected after the update instead: the same values,
+  bit for bit, at the cost of a copy of the optimizer state (for AdamW +2x
+  the parameters' bytes of memory), announced once per trace by a
+  `SkipSpikesFallbackWarning` that names the cause.
 
   Args:
     inner: the optimizer whose steps are taken or skipped, an

@@ -17,11 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from versions import measured_on
 
 import optax_zclip
 from optax_zclip import _numerics
 
 SHAPES = {"a": (96, 160), "b": (224,), "c": (3, 40, 72)}
+
+# What XLA fuses, and how it writes it, changes between releases: the tests
+# that count operations of a kind in the text are measurements. (Those that
+# compare two steps' structures hold on every release and run everywhere.)
+HLO_MEASURED = measured_on("0.10.2", "0.10.2",
+                           "XLA's fusion decisions in the compiled HLO text")
 
 
 def _compiled_text(tx):
@@ -57,6 +64,7 @@ def _counts(text):
 BARE = _counts(_compiled_text(optax.adamw(1e-3)))
 
 
+@HLO_MEASURED
 @pytest.mark.parametrize("make", [
     optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
     lambda: optax_zclip.zclip(max_grad_norm=None, clip_option="mean"),
@@ -160,6 +168,7 @@ def _train_step_buffers(tx, with_value=False):
 BARE_STEP = _train_step_buffers(optax.adamw(1e-3))
 
 
+@HLO_MEASURED
 @pytest.mark.parametrize("make", [
     optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
     lambda: optax_zclip.clip_by_global_norm(1.0)],
@@ -184,6 +193,7 @@ def test_a_normal_step_reads_the_gradients_once_for_the_norms(make):
     assert reads[k] == BARE_READS[k] + 1, (k, reads, BARE_READS)
 
 
+@HLO_MEASURED
 def test_the_read_count_sees_an_extra_pass():
   reads = _gradient_reads(_compiled_text(optax.chain(
       _max_abs_unconditionally(), optax.adamw(1e-3))))
@@ -191,6 +201,7 @@ def test_the_read_count_sees_an_extra_pass():
     assert reads[k] == BARE_READS[k] + 2, (k, reads, BARE_READS)
 
 
+@HLO_MEASURED
 @pytest.mark.parametrize("make", [
     optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
     lambda: optax_zclip.clip_by_global_norm(1.0)],

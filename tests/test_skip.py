@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from references import SHAPES, SkipSpikesRef, tree_norm64
 from transforms import CLIPPERS, TRANSFORMS, WRAPPERS, with_adamw
+from versions import measured_on
 
 import optax_zclip
 from optax_zclip import _compat, _numerics
@@ -626,6 +626,8 @@ def test_no_two_leaves_of_a_fresh_or_updated_state_share_a_buffer():
 
 
 def test_orbax_restore_mid_window_continues_bit_identically(tmp_path):
+  import orbax.checkpoint as ocp  # noqa: PLC0415 (this test's alone)
+
   window, sigma = 7, 3.0
   run = make_run(40, seed=9, events={12: ("norm", 30.0), 24: ("loss", 3.0),
                                      30: ("both", 20.0, 3.0)})
@@ -716,6 +718,8 @@ def _gradient_buffers(text):
                          entry)) for s in HLO_SHAPES.values()]
 
 
+@measured_on("0.10.2", "0.10.2", "XLA's fusion decisions in the "
+             "compiled HLO text")
 @pytest.mark.parametrize("clip", [
     optax_zclip.zclip, lambda: optax_zclip.clip_by_global_norm(1.0)],
                          ids=["zclip", "clip_by_global_norm"])
