@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-try:  # jax.extend.core: Literal since 0.4.30 at least.
+try:  # jax.extend.core.Literal: in every release from 0.4.30 to 0.10.2.
   from jax.extend import core as _jex_core
   _Literal = _jex_core.Literal
 except (ImportError, AttributeError):  # pragma: no cover (a moved API)
@@ -153,9 +153,9 @@ def shard_map(f: Callable, *, mesh: Any, in_specs: Any, out_specs: Any,
 
 @contextlib.contextmanager
 def set_mesh(mesh: Any) -> Iterator[None]:
-  """``with jax.set_mesh(mesh)`` (jax >= 0.8); before it
-  ``jax.sharding.use_mesh`` (0.5-0.7), and before that the mesh's own
-  context manager."""
+  """``with jax.set_mesh(mesh)`` where JAX has it (0.7.2 does, 0.7.0 does
+  not); before it ``jax.sharding.use_mesh`` (0.5 to 0.7.0), and before
+  that the mesh's own context manager (0.4.36)."""
   if hasattr(jax, "set_mesh"):
     cm = jax.set_mesh(mesh)
   elif hasattr(jax.sharding, "use_mesh"):

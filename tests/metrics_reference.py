@@ -30,9 +30,24 @@ def naive_mask(losses, window, n_sigma):
       out.append(False)
       continue
     m = statistics.mean(prev)
-    s = statistics.pstdev(prev)
+    s = _pstdev(prev)
     out.append(v > m + n_sigma * s)
   return np.array(out, bool)
+
+
+def _pstdev(values):
+  """`statistics.pstdev` as Python 3.11 computes it on every Python: the
+  square root of the exact (rational) variance, rounded to a float at the
+  end. Python 3.10 rounds the variance to a float first, which overflows
+  once the deviations pass 1e154."""
+  xs = [Fraction(v) for v in values]
+  mean = sum(xs) / len(xs)
+  var = sum((x - mean) ** 2 for x in xs) / len(xs)
+  n, d = var.numerator, var.denominator
+  # An integer square root with at least 64 bits, then scaled back.
+  shift = max(0, 128 - (n.bit_length() - d.bit_length()))
+  shift += shift % 2
+  return math.ldexp(float(math.isqrt((n << shift) // d)), -shift // 2)
 
 
 def naive_runs(mask):
