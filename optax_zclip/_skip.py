@@ -180,7 +180,8 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
       "update's whole new state instead. The decisions, updates and states "
       "are the same, but XLA keeps a copy of the old optimizer state: for "
       "AdamW about +2x the parameters' bytes of memory and +5x of memory "
-      "traffic. Please report it with your jax version.", SkipSpikesFallbackWarning, stacklevel=3)
+      "traffic. Please report it with your jax version.",
+      SkipSpikesFallbackWarning, stacklevel=3)
   new_updates, new_state = update(updates, state)
   return (jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros([], u.dtype)),
                        new_updates),
