@@ -30,6 +30,7 @@ from test_stats import (
   SKIP_KEYS,
   _check_against_reference,
   check_found,
+  nesting_grads,
 )
 from transforms import (
   SPIKE,
@@ -46,14 +47,21 @@ import optax_zclip
 pytestmark = pytest.mark.examples
 
 
-class _Model(nnx.Module):
+class _MLP(nnx.Module):
+  """``features -> hidden -> 1``, with ``act`` between."""
 
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(6, 16, rngs=rngs)
-    self.l2 = nnx.Linear(16, 1, rngs=rngs)
+  def __init__(self, rngs, features=4, hidden=8, act=nnx.relu):
+    self.l1 = nnx.Linear(features, hidden, rngs=rngs)
+    self.l2 = nnx.Linear(hidden, 1, rngs=rngs)
+    self.act = act
 
   def __call__(self, x):
-    return self.l2(nnx.gelu(self.l1(x)))
+    return self.l2(self.act(self.l1(x)))
+
+
+def _model(seed):
+  """The donation tests' model: 6 features, 16 hidden units, GELU."""
+  return _MLP(nnx.Rngs(seed), 6, 16, nnx.gelu)
 
 
 def _batch(t):
@@ -82,7 +90,7 @@ def _nnx_step(traces):
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_nnx_jit_with_model_and_optimizer_donated(name):
-  model = _Model(nnx.Rngs(0))
+  model = _model(0)
   optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
   traces = []
   train_step = _nnx_step(traces)
@@ -105,7 +113,7 @@ def test_nnx_jit_with_model_and_optimizer_donated(name):
 
 def _split_run(name, save_at, directory):
   """A donated nnx run, checkpointed at ``save_at`` and resumed from it."""
-  model = _Model(nnx.Rngs(0))
+  model = _model(0)
   optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
   train_step = _nnx_step([])
   with ocp.StandardCheckpointer() as ckptr:
@@ -120,7 +128,7 @@ def _split_run(name, save_at, directory):
 
     # A new process would build the model and optimizer afresh and restore
     # into their abstract state.
-    model = _Model(nnx.Rngs(123))
+    model = _model(123)
     optimizer = nnx.Optimizer(model, with_adamw(name), wrt=nnx.Param)
     target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -138,16 +146,6 @@ def test_orbax_restore_of_a_donated_state_continues_bit_identically(
   uninterrupted, resumed = _split_run(name, save_at=SPIKE - 2,
                                       directory=tmp_path / "ckpt")
   _assert_bits_equal(resumed, uninterrupted)
-
-
-class _MLP(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(4, 8, rngs=rngs)
-    self.l2 = nnx.Linear(8, 1, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(nnx.relu(self.l1(x)))
 
 
 def test_nnx_optimizer_update_passes_the_loss():
@@ -270,10 +268,7 @@ def _two_leaf_optimizer(tx):
 @pytest.mark.parametrize("kind", ["nnx", "nnx_state"])
 @pytest.mark.parametrize("name", list(_MAKERS))
 def test_every_declared_state_is_found_in_an_nnx_optimizer(name, kind):
-  rng = np.random.default_rng(7)
-  grads = [{"a": rng.standard_normal(3).astype(np.float32) * 2,
-            "b": rng.standard_normal((2, 2)).astype(np.float32) * 2}
-           for _ in range(4)]
+  grads = nesting_grads()
   model, optimizer = _two_leaf_optimizer(
       optax.chain(_MAKERS[name](), optax.adamw(1e-3)))
   for g in grads:

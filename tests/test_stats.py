@@ -191,15 +191,20 @@ def _nest(kind, make):
   raise AssertionError(kind)
 
 
+def nesting_grads():
+  """Four steps' gradients of a two-leaf tree, the same in every nesting."""
+  rng = np.random.default_rng(7)
+  return [{"a": rng.standard_normal(3).astype(np.float32) * 2,
+           "b": rng.standard_normal((2, 2)).astype(np.float32) * 2}
+          for _ in range(4)]
+
+
 @pytest.mark.parametrize("kind", ["chain", "inject", "inject_outer",
                                   "multisteps", "apply_if_finite",
                                   "multi_transform"])
 @pytest.mark.parametrize("name", list(_MAKERS))
 def test_every_declared_state_is_found_in_every_nesting(name, kind):
-  rng = np.random.default_rng(7)
-  grads = [{"a": rng.standard_normal(3).astype(np.float32) * 2,
-            "b": rng.standard_normal((2, 2)).astype(np.float32) * 2}
-           for _ in range(4)]
+  grads = nesting_grads()
   tx = _nest(kind, _MAKERS[name])
   params = {k: jnp.zeros(v.shape) for k, v in grads[0].items()}
   if kind == "multi_transform":  # a frozen leaf next to the clipped ones
