@@ -54,9 +54,13 @@ def _bind_params(eqn: Any) -> tuple[Sequence[Any], dict[str, Any]]:
       f"get_bind_params of {eqn.primitive} returned a {type(got).__name__}")
 
 
-def _check_replayable(jaxpr: Any) -> None:
-  """Raises `ReplayUnsupported` if ``jaxpr`` uses anything the replay does
-  not know, before any of it is bound (so that nothing is traced twice)."""
+def check_replayable(closed: Any) -> None:
+  """Raises `ReplayUnsupported` if the closed jaxpr ``closed`` uses anything
+  the replay does not know, before any of it is bound (so that nothing is
+  traced twice) or its atoms are looked at."""
+  jaxpr = getattr(closed, "jaxpr", None)
+  if jaxpr is None or not hasattr(closed, "consts"):
+    raise ReplayUnsupported("make_jaxpr returned no ClosedJaxpr")
   if _Literal is None:
     raise ReplayUnsupported("jax.extend.core.Literal is missing")
   for name in ("constvars", "invars", "outvars", "eqns"):
@@ -98,10 +102,8 @@ def replay_jaxpr(closed: Any, args: Sequence[Any],
       without error when it was turned into ``closed``, so the failure is
       the replay's); the message names the equation and the error.
   """
-  jaxpr = getattr(closed, "jaxpr", None)
-  if jaxpr is None or not hasattr(closed, "consts"):
-    raise ReplayUnsupported("make_jaxpr returned no ClosedJaxpr")
-  _check_replayable(jaxpr)
+  check_replayable(closed)
+  jaxpr = closed.jaxpr
   env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
   env.update(zip(jaxpr.invars, args, strict=True))
 

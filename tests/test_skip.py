@@ -568,6 +568,19 @@ def test_a_replay_that_fails_midway_falls_back_naming_the_equation(
     _assert_bit_identical(a, b, f"step {t}")
 
 
+def test_a_jax_api_that_moved_falls_back_before_anything_is_bound(
+    monkeypatch):
+  run = FALLBACK_RUN[:12]
+  fast = _donated_run(_wrapped("skip_spikes"), run)
+  # As on a JAX without jax.extend.core.Literal.
+  monkeypatch.setattr(_compat, "_Literal", None)
+  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning,
+                    match="Literal is missing"):
+    slow = _donated_run(_wrapped("skip_spikes"), run)
+  for t, (a, b) in enumerate(zip(fast, slow, strict=True)):
+    _assert_bit_identical(a, b, f"step {t}")
+
+
 def test_the_fallback_warns_once_per_trace(monkeypatch):
   _force_fallback(monkeypatch)
   tx = _wrapped("zclip")
