@@ -57,5 +57,7 @@ def _project():
 
 
 if __name__ == "__main__":
-  which = sys.argv[1] if len(sys.argv) > 1 else "--library"
-  print("\n".join(library() if which == "--library" else tests()))
+  which = {"--library": library, "--tests": tests}.get(sys.argv[-1])
+  if len(sys.argv) != 2 or which is None:
+    raise SystemExit("usage: floors.py --library | --tests")
+  print("\n".join(which()))

@@ -54,15 +54,13 @@ def _bind_params(eqn: Any) -> tuple[Sequence[Any], dict[str, Any]]:
       f"get_bind_params of {eqn.primitive} returned a {type(got).__name__}")
 
 
-def check_replayable(closed: Any) -> None:
+def _check_replayable(closed: Any) -> None:
   """Raises `ReplayUnsupported` if the closed jaxpr ``closed`` uses anything
   the replay does not know, before any of it is bound (so that nothing is
-  traced twice) or its atoms are looked at."""
+  traced twice)."""
   jaxpr = getattr(closed, "jaxpr", None)
   if jaxpr is None or not hasattr(closed, "consts"):
     raise ReplayUnsupported("make_jaxpr returned no ClosedJaxpr")
-  if _Literal is None:
-    raise ReplayUnsupported("jax.extend.core.Literal is missing")
   for name in ("constvars", "invars", "outvars", "eqns"):
     if not hasattr(jaxpr, name):
       raise ReplayUnsupported(f"a jaxpr has no `{name}`")
@@ -80,8 +78,14 @@ def check_replayable(closed: Any) -> None:
 
 def is_literal(atom: Any) -> bool:
   """Whether a jaxpr atom is a constant written into the jaxpr (a literal),
-  rather than a variable."""
-  return _Literal is not None and isinstance(atom, _Literal)
+  rather than a variable.
+
+  Raises:
+    ReplayUnsupported: if this JAX has no ``jax.extend.core.Literal``.
+  """
+  if _Literal is None:
+    raise ReplayUnsupported("jax.extend.core.Literal is missing")
+  return isinstance(atom, _Literal)
 
 
 def replay_jaxpr(closed: Any, args: Sequence[Any],
@@ -102,7 +106,7 @@ def replay_jaxpr(closed: Any, args: Sequence[Any],
       without error when it was turned into ``closed``, so the failure is
       the replay's); the message names the equation and the error.
   """
-  check_replayable(closed)
+  _check_replayable(closed)
   jaxpr = closed.jaxpr
   env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
   env.update(zip(jaxpr.invars, args, strict=True))

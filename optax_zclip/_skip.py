@@ -191,7 +191,6 @@ def _gated_update(update: Any, keep: jax.Array, updates: Any,
 def _replayed(closed, flat_in, keep, old, n_updates, updates_tree,
               state_tree):
   """`_gated_update`'s result by replaying ``closed`` (see there)."""
-  _compat.check_replayable(closed)  # before its atoms are looked at
   jaxpr = closed.jaxpr
   state_vars = jaxpr.outvars[n_updates:]
   uses: dict[Any, int] = {}

@@ -549,8 +549,7 @@ def test_the_fallback_gives_the_same_updates_states_and_stats(name,
   assert sum(skipped) < len(skipped) // 2
 
 
-def test_a_replay_that_fails_midway_falls_back_naming_the_equation(
-    monkeypatch):
+def _bind_fails_at_sqrt(monkeypatch):
   real = _compat._bind_params
 
   def failing(eqn):
@@ -558,24 +557,30 @@ def test_a_replay_that_fails_midway_falls_back_naming_the_equation(
       raise TypeError("a parameter this replay does not know")
     return real(eqn)
 
-  run = FALLBACK_RUN[:14]
-  fast = _donated_run(_wrapped("zclip"), run)
   monkeypatch.setattr(_compat, "_bind_params", failing)
-  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning,
-                    match="binding sqrt failed: TypeError: a parameter"):
-    slow = _donated_run(_wrapped("zclip"), run)
-  for t, (a, b) in enumerate(zip(fast, slow, strict=True)):
-    _assert_bit_identical(a, b, f"step {t}")
 
 
-def test_a_jax_api_that_moved_falls_back_before_anything_is_bound(
-    monkeypatch):
-  run = FALLBACK_RUN[:12]
-  fast = _donated_run(_wrapped("skip_spikes"), run)
-  # As on a JAX without jax.extend.core.Literal.
+def _literal_missing(monkeypatch):
+  # As on a JAX without jax.extend.core.Literal: found before any binding.
   monkeypatch.setattr(_compat, "_Literal", None)
-  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning,
-                    match="Literal is missing"):
+
+
+# A cause of the fallback, and what the warning must say of it.
+CAUSES = {
+    "bind_fails_midway": (_bind_fails_at_sqrt,
+                          "binding sqrt failed: TypeError: a parameter"),
+    "literal_missing": (_literal_missing, "Literal is missing"),
+}
+
+
+@pytest.mark.parametrize("cause", list(CAUSES))
+def test_a_replay_that_cannot_run_falls_back_naming_the_cause(cause,
+                                                              monkeypatch):
+  run = FALLBACK_RUN[:14]
+  fast = _donated_run(_wrapped("skip_spikes"), run)
+  patch, says = CAUSES[cause]
+  patch(monkeypatch)
+  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning, match=says):
     slow = _donated_run(_wrapped("skip_spikes"), run)
   for t, (a, b) in enumerate(zip(fast, slow, strict=True)):
     _assert_bit_identical(a, b, f"step {t}")

@@ -68,12 +68,18 @@ def _run(name, shardings, init="jit"):
   else:
     state = tx.init(params)
   ref = wrapper_reference(name)
+  # The shardings the step is first compiled for: where the first step's
+  # output state is laid out otherwise, the second step compiles again.
+  first = [(x.sharding, x.ndim) for x in jax.tree.leaves(state)]
   for t in range(STEPS):
     grads = grads_at(t)
     if shardings is not None:
       grads = jax.device_put(grads, shardings)
     old = jax.tree.leaves((params, chain_state(name, state)[1]))
     params, state, logged = step(params, state, grads, loss_at(t))
+    if t == 0:
+      relaid = any(not x.sharding.is_equivalent_to(s, ndim) for x, (s, ndim)
+                   in zip(jax.tree.leaves(state), first, strict=True))
     assert all(x.is_deleted() for x in old)
     norm64 = tree_norm64(jax.tree.leaves(grads))
     np.testing.assert_allclose(grad_norm(name, logged), norm64, rtol=1e-5)
@@ -82,11 +88,12 @@ def _run(name, shardings, init="jit"):
       assert int(logged["skip/skipped"]) == skip, t
       assert skip or t != SPIKE
   if init == "jit" or shardings is None:
-    assert len(traces) == 1
+    assert not relaid and len(traces) == 1
   else:
-    # The eager init's scalars sit on one device: JAX releases from 0.5 on
-    # compile the step again for the second step's inputs; 0.4.36 does not.
-    assert len(traces) <= 2
+    # An eager init leaves the scalars on one device and the first step
+    # lays them out anew; whether JAX compiles the step again for that is
+    # its cache's policy: jaxlib 0.10.2 does, 0.4.36 does not.
+    assert relaid and len(traces) in (1, 2), (relaid, len(traces))
   return params, state
 
 
