@@ -55,12 +55,12 @@ class AdaGCState(NamedTuple):
 
 
 def adagc(
+    *,
     lambda_rel: jax.typing.ArrayLike = 1.04,
     beta: jax.typing.ArrayLike = 0.99,
     warmup_steps: jax.typing.ArrayLike = 100,
     max_grad_norm: jax.typing.ArrayLike | None = 1.0,
     eps: jax.typing.ArrayLike = 1e-6,
-    *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   r"""AdaGC: clips each tensor against its own EMA of past clipped norms.

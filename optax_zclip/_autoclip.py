@@ -66,9 +66,9 @@ def _percentile(history, n, q):
 
 
 def autoclip(
+    *,
     percentile: jax.typing.ArrayLike = 10.0,
     window: int = 1024,
-    *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   """AutoClip: clips the global norm to a percentile of the norms seen so far.

@@ -218,9 +218,9 @@ def _replayed(closed, flat_in, keep, old, n_updates, updates_tree,
 
 def skip_spikes(
     inner: optax.GradientTransformation,
+    *,
     window: int = 128,
     sigma: jax.typing.ArrayLike = 6.0,
-    *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skips a whole step when its loss or gradient norm is an extreme outlier.

@@ -105,6 +105,7 @@ def _zscore(g, mean, std, eps):
 
 
 def zclip(
+    *,
     alpha: jax.typing.ArrayLike = 0.97,
     z_thresh: jax.typing.ArrayLike = 2.5,
     max_grad_norm: jax.typing.ArrayLike | None = 1.0,
@@ -114,7 +115,6 @@ def zclip(
     clip_option: str = "adaptive_scaling",
     clip_factor: jax.typing.ArrayLike = 1.0,
     skip_update_on_spike: bool = False,
-    *,
     max_consecutive_spikes: int | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:

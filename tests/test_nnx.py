@@ -283,7 +283,7 @@ def test_keys_read_from_an_nnx_optimizer_are_those_of_the_chain(name):
   make, kind = _FACTORIES[name]
   for wrapped in (False, True):
     tx = optax.chain(make(), optax.adamw(1e-3))
-    tx = optax_zclip.skip_spikes(tx, 4) if wrapped else tx
+    tx = optax_zclip.skip_spikes(tx, window=4) if wrapped else tx
     _, optimizer = _two_leaf_optimizer(tx)
     want = _KEYS[kind] | (SKIP_KEYS if wrapped else set())
     assert set(optax_zclip.stats(optimizer)) == want, wrapped
