@@ -54,6 +54,7 @@ class AdaGCState(NamedTuple):
   nonfinite_count: jax.Array
 
 
+@_validation.keyword_only
 def adagc(
     *,
     lambda_rel: jax.typing.ArrayLike = 1.04,

@@ -65,6 +65,7 @@ def _percentile(history, n, q):
   return s[lo] + frac * (s[hi] - s[lo])
 
 
+@_validation.keyword_only
 def autoclip(
     *,
     percentile: jax.typing.ArrayLike = 10.0,

@@ -277,8 +277,10 @@ def _record(s: dict, clipper: str | None, has_skip: bool) -> dict:
   else:
     threshold, out = s["skip/norm_threshold"], g
   out = jnp.where(skipped, jnp.zeros([], F32), out)
+  # A skipped step counts as clipped (to zero), a NaN or Inf one included,
+  # whose `out < g` is False.
   return {"threshold": threshold.astype(F32), "out_norm": out.astype(F32),
-          "clipped": out < g, "skipped": skipped}
+          "clipped": skipped | (out < g), "skipped": skipped}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -406,7 +408,8 @@ def replay(norms: Any, losses: Any = None,
     state reports it; for `skip_spikes` alone, its norm test's threshold;
     ``inf`` where there is none), ``"m/out_norm"`` (float32: the norm after
     the method, the norm times the scale it applied, 0 on a skipped step),
-    ``"m/clipped"`` (bool: ``out_norm < norm``) and, for a method that
+    ``"m/clipped"`` (bool: ``out_norm < norm``, or the step skipped, a NaN
+    or Inf one included) and, for a method that
     skips, ``"m/skipped"`` (bool). When `skip_spikes` wraps a clipping
     transform, the threshold is the clipping transform's (on a skipped step,
     that of the last step taken).
@@ -515,9 +518,13 @@ def replay(norms: Any, losses: Any = None,
 # The command: reading a log.
 
 PROG = "python -m optax_zclip.replay"
+# `skip_spikes`'s norm before the clipping ones: it is every step's norm,
+# while a clipping transform inside `skip_spikes` keeps the last taken step's
+# on a skipped step (its state is not updated), hiding the very spikes.
 NORM_NAMES = ("grad_norm", "train/grad_norm", "gradient_norm",
-              "train/gradient_norm", "zclip/grad_norm", "clip/grad_norm",
-              "skip/grad_norm", "Value")
+              "train/gradient_norm", "skip/grad_norm", "zclip/grad_norm",
+              "clip/grad_norm", "autoclip/grad_norm", "adagc/grad_norm",
+              "Value")
 LOSS_NAMES = ("loss", "train/loss", "train_loss")
 STEP_NAMES = ("step", "_step", "Step", "global_step", "train/global_step",
               "trainer/global_step")
@@ -665,6 +672,24 @@ def _number(raw: Any, where: str, column: str) -> float | None:
   raise LogError(f"{where}: {label} {raw!r}, not a number")
 
 
+def _norm_like(columns: Sequence[str]) -> list[str]:
+  """The columns that could hold a gradient norm, in the file's order."""
+  return [c for c in columns if c.endswith("grad_norm") or c in NORM_NAMES]
+
+
+def _norm_note(chosen: str, columns: Sequence[str]) -> list[str]:
+  """Which norm column was read when the log has others that could be."""
+  others = [c for c in _norm_like(columns) if c != chosen]
+  if not others:
+    return []
+  why = (" (skip_spikes's norm of every step, before clipping: a clipping "
+         "transform inside skip_spikes logs the last taken step's norm on a "
+         "skipped step)" if chosen == "skip/grad_norm" else "")
+  return [f"the norms are column {chosen!r}{why}; the log also has "
+          f"{', '.join(repr(c) for c in others)}: --norm-column to replay "
+          "another"]
+
+
 def _pick(table: _Table, given: str | None, names: Sequence[str],
           what: str, option: str, path: str) -> str | None:
   """The column to read: the one given (checked), else a known name."""
@@ -677,9 +702,13 @@ def _pick(table: _Table, given: str | None, names: Sequence[str],
     if name in table.columns:
       return name
   if what == "norm":
-    ending = [c for c in table.columns if c.endswith("grad_norm")]
+    ending = _norm_like(table.columns)
     if len(ending) == 1:
       return ending[0]
+    if ending:
+      raise LogError(f"{path}: {len(ending)} columns could be the gradient "
+                     f"norm ({', '.join(ending)}); choose one with "
+                     "--norm-column")
     raise LogError(f"{path}: no column looks like the gradient norm; give "
                    f"it with --norm-column (its columns: "
                    f"{', '.join(table.columns) or '(none)'})")
@@ -778,6 +807,8 @@ def read_log(path: str, norm_column: str | None = None,
                 losses if loss_col else None, steps if step_col else None,
                 wheres)
   log.left_out = left_out
+  if norm_column is None:
+    log.notes[:0] = _norm_note(norm_col, table.columns)
   return log
 
 
@@ -1115,9 +1146,10 @@ def _main(args: argparse.Namespace) -> int:
   origin = ("--warmup" if args.warmup is not None
             else "the first 10% of the steps; --warmup to change")
   print(_fill(
-      "clipped: steps whose norm the method lowered (count, % of the steps); "
-      "cut: the norm before over the norm after, on those steps; skipped: "
-      "steps skip_spikes skipped (its clipped count includes them); in "
+      "clipped: steps whose norm the method lowered (count, % of the steps), "
+      "skipped ones included; cut: the norm before over the norm after, on "
+      "the steps clipped, not skipped; skipped: steps skip_spikes skipped, "
+      "NaN and Inf ones included; in "
       "warm-up / later: steps clipped or skipped before step "
       f"{first + warmup} ({origin}) and after."))
   os.makedirs(args.out, exist_ok=True)

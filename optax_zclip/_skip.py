@@ -50,7 +50,8 @@ class SkipSpikesState(NamedTuple):
       when the loss test did not apply (too short a history, or no loss).
     norm_threshold: float32 scalar, the same for the global norm.
     inner_state: the state of the wrapped transformation, exactly as it was
-      after the last step that was not skipped.
+      after the last step that was not skipped (so its telemetry, such as
+      ``zclip/grad_norm``, repeats that step's on a skipped one).
 
   References:
     OLMo-core's ``SkipStepOptimizer``
@@ -216,6 +217,31 @@ def _replayed(closed, flat_in, keep, old, n_updates, updates_tree,
           jax.tree.unflatten(state_tree, new_state))
 
 
+_NNX_CALL = "with nnx.Optimizer, optimizer.update(model, grads, value=loss)"
+
+
+def _check_loss_arguments(args: tuple, extra_args: dict) -> None:
+  """Refuses a loss `skip_spikes` would not see: given by position, or by a
+  name other than ``value`` (``loss=``, as MaxText and Levanter name it)."""
+  if args:
+    raise TypeError(
+        f"skip_spikes: update() got {len(args)} positional "
+        f"argument{'s' if len(args) > 1 else ''} after `params`; it takes "
+        "the step's loss by keyword: "
+        f"tx.update(grads, state, params, value=loss) ({_NNX_CALL}).")
+  if "value" in extra_args:
+    return
+  named = [k for k in extra_args if "loss" in k.lower()]
+  if named:
+    raise TypeError(
+        f"skip_spikes: update() got {', '.join(f'`{k}=`' for k in named)} "
+        "but no `value=`, so its loss test would not run: it reads the "
+        "step's loss from `value`, optax's name for it. Pass value=loss "
+        f"({_NNX_CALL}); to hand `{named[0]}` to another transform and test "
+        "the norm alone, pass value=None as well.")
+
+
+@_validation.keyword_only
 def skip_spikes(
     inner: optax.GradientTransformation,
     *,
@@ -251,13 +277,22 @@ def skip_spikes(
 
   A skipped step returns zero updates and leaves the inner state (AdamW's
   moments and count, ZClip's statistics) bit-identical; a taken step is
-  exactly the inner transformation's. This is OLMo-core's rule for skipping
-  steps, with a NaN never entering the history (where it would skip every
-  step until it aged out) and the norm always taken before clipping.
+  exactly the inner transformation's. So on a skipped step the telemetry of
+  the inner transforms (``zclip/grad_norm``, ``zclip/threshold``, ...)
+  repeats the last taken step's: log ``skip/grad_norm`` for the norm of
+  every step, and ``skip/skipped`` to tell the two apart. This is
+  OLMo-core's rule for skipping steps, with a NaN never entering the history
+  (where it would skip every step until it aged out) and the norm always
+  taken before clipping.
 
-  Without ``value`` only the norm test applies; the step's norm is still
-  recorded, and the loss test of later steps uses the losses that were
-  given (it needs as many of them as the norm test needs norms). All extra
+  The loss must be passed by that keyword: an update given it by position,
+  or under another name that holds ``loss`` (``loss=``, ``train_loss=``)
+  without ``value``, raises a `TypeError` rather than silently testing the
+  norm alone. Without ``value`` (or with ``value=None``, which lets a
+  ``loss=`` meant for another transform through) only the norm test
+  applies; the step's norm is still recorded, and the loss test of later
+  steps uses the losses that were given (it needs as many of them as the
+  norm test needs norms). All extra
   arguments, ``value`` included, are passed on to ``inner`` (optax's
   `optax.contrib.reduce_on_plateau` reads the same ``value``).
 
@@ -306,6 +341,9 @@ def skip_spikes(
       ``window`` not an integer >= 2 or ``sigma`` not a number > 0 (the
       message names the argument); when the update is traced, if ``value``
       is not a scalar.
+    TypeError: when the update is traced, if it is given a positional
+      argument after ``params``, or a keyword holding ``loss`` but no
+      ``value`` (the message says how to pass the loss).
 
   Example:
     >>> import jax.numpy as jnp
@@ -352,7 +390,8 @@ def skip_spikes(
         loss_threshold=scalar(jnp.inf), norm_threshold=scalar(jnp.inf),
         inner_state=inner.init(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *args, **extra_args):
+    _check_loss_arguments(args, extra_args)
     loss = extra_args.get("value")
     given = loss is not None
     if given:

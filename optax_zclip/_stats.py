@@ -184,6 +184,41 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return ".".join(parts)
 
 
+def _flax_kind(node: Any) -> str | None:
+  """``"Optimizer"``, ``"OptState"`` or ``"Module"`` for Flax NNX objects and
+  variables of those kinds (without importing Flax), else None."""
+  for cls in type(node).__mro__:
+    if (cls.__module__.split(".")[0] == "flax"
+        and cls.__name__ in ("Optimizer", "OptState", "Module")):
+      return cls.__name__
+  return None
+
+
+def _is_optimizer_state(node: Any) -> bool:
+  # Every optax transform's state is a NamedTuple (`optax.EmptyState` for a
+  # stateless one); `nnx.state(optimizer)` keeps its arrays in `OptState`
+  # variables.
+  return ((isinstance(node, tuple) and hasattr(type(node), "_fields"))
+          or _flax_kind(node) in ("Optimizer", "OptState"))
+
+
+def _check_holds_optimizer_state(tree: Any) -> None:
+  """Raises `TypeError` for a tree with arrays but no optimizer state in
+  it: a model or its parameters, passed to `stats` by mistake."""
+  nodes = jax.tree.leaves(tree, is_leaf=_is_optimizer_state)
+  if not nodes or any(_is_optimizer_state(n) for n in nodes):
+    return  # An empty state (`optax.chain()`'s), or a real one.
+  what = ("a model (an nnx.Module)" if _flax_kind(tree) == "Module"
+          else f"a {type(tree).__name__} with {len(nodes)} "
+          f"{'leaf' if len(nodes) == 1 else 'leaves'}")
+  raise TypeError(
+      f"stats() got {what} that holds no optimizer state: no optax state "
+      "(a NamedTuple such as ScaleByAdamState) and no nnx.Optimizer. Pass "
+      "the optimizer state: what tx.init and tx.update return, a "
+      "TrainState's opt_state, an nnx.Optimizer or nnx.state(optimizer). A "
+      "model or its parameters is a likely slip.")
+
+
 def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   """Telemetry of the clipping transform(s) inside an optimizer state.
 
@@ -229,6 +264,13 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   Returns:
     A dict from metric name to scalar array.
 
+  Raises:
+    TypeError: if ``opt_state`` holds arrays but no optimizer state at all
+      (no optax state, which is always a ``NamedTuple``, and no
+      ``nnx.Optimizer`` or its variables): a model or a params tree passed
+      by mistake, which would otherwise surface later as a missing key. An
+      optimizer state without a clipping transform returns ``default``.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import optax, optax_zclip
@@ -249,6 +291,7 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   """
   found = list(_find(opt_state, ()))
   if not found:
+    _check_holds_optimizer_state(opt_state)
     return {} if default is None else default
   result: dict[str, jax.Array] = {}
   for path, node, cls in found:

@@ -13,10 +13,12 @@ No jitted computation happens here, so the host-side spike metrics use it too.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,42 @@ import numpy as np
 
 # The step counters are int32 and saturate there (`optax.safe_increment`).
 INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def keyword_only(factory: _F) -> _F:
+  """Makes ``factory``'s TypeError for a number given by position say why.
+
+  ``factory`` declares its floats keyword-only (``zclip(*, alpha, ...)``):
+  several floats in a row would let a misplaced one (a learning rate
+  given to ``zclip``) pass every range check. Python's own message does not
+  say what to write instead; this one does. The signature, which
+  `inspect.signature` and the docs read, is ``factory``'s.
+  """
+  sig = inspect.signature(factory)
+  positional = [p.name for p in sig.parameters.values()
+                if p.kind is p.POSITIONAL_OR_KEYWORD]
+  first = next(p.name for p in sig.parameters.values()
+               if p.kind is p.KEYWORD_ONLY)
+  name = factory.__name__
+
+  @functools.wraps(factory)
+  def wrapper(*args, **kwargs):
+    if len(args) > len(positional):
+      extra = args[len(positional):]
+      lead = "".join(f"{p}, " for p in positional)
+      raise TypeError(
+          f"{name}() takes its hyperparameters by name only, so that a "
+          f"number cannot land on the wrong one; got {extra[0]!r} by "
+          f"position. Write {name}({lead}{first}={extra[0]!r}) if that is "
+          "what it is" + ("." if positional else
+                          f"; a learning rate goes to the optimizer after "
+                          f"{name} in the chain."))
+    return factory(*args, **kwargs)
+
+  return wrapper  # type: ignore[return-value]
 
 
 def _tracer(value: Any) -> bool:

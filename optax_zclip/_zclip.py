@@ -104,6 +104,7 @@ def _zscore(g, mean, std, eps):
   return jnp.where(ok, z, degenerate)
 
 
+@_validation.keyword_only
 def zclip(
     *,
     alpha: jax.typing.ArrayLike = 0.97,
@@ -163,7 +164,13 @@ def zclip(
       number of standard deviations above the mean where clipping starts
       (mode ``"percentile"``). > 0.
     max_grad_norm: an absolute cap on the global norm, applied at every step
-      (alone during warm-up), or None or inf for no cap. > 0.
+      (alone during warm-up), or None or inf for no cap. > 0. The default,
+      1.0, is the authors': it clips every step whose norm is above 1.0,
+      spike or not, so on a run whose usual norm is near or above 1 the
+      cap does all the clipping and the z-score none (a clipped step with
+      ``z_score <= z_thresh`` in `optax_zclip.stats` was clipped by the
+      cap). Keep it where the usual norm is well below 1; else pass None
+      or a value several times the usual norm.
     eps: added to ``std`` in the z-score and to ``g`` in the clip factor;
       finite and >= 0.
     warmup_steps: number of steps with a finite norm that seed the

@@ -353,8 +353,56 @@ def errors_markdown() -> str:
       "`ValueError` naming its path. Complex leaves are clipped by their",
       "modulus.",
       "",
+      "Mistakes that would pass every range check raise `TypeError`. The",
+      "factories take keyword arguments only (but `skip_spikes`' `inner`",
+      "and `clip_by_global_norm`'s `max_norm`, which have one meaning),",
+      "so a learning rate or a swapped number cannot land on `alpha`.",
+      "`skip_spikes` reads the loss from `value=` only: a loss by",
+      "position, or by another name without `value`, would leave its loss",
+      "test off, and is refused when the update is traced. `stats` of a",
+      "model or a parameter tree, which hold no optimizer state, would",
+      "return `{}` and surface later as a missing key in the logger:",
+      "",
+      "| call | message |",
+      "|---|---|",
   ]
+  for call, fn in MISTAKES:
+    try:
+      fn()
+    except TypeError as e:
+      message = str(e).replace("|", "\\|")
+    else:
+      raise AssertionError(f"{call} did not raise")
+    lines.append(f"| `{call}` | `` {message} `` |")
+  lines.append("")
   return "\n".join(lines)
+
+
+def _skip_update(**kwargs):
+  """An update of `skip_spikes(sgd)` with ``kwargs`` (positional ``args``)."""
+  tx = optax_zclip.skip_spikes(optax.sgd(1.0))
+  g = jnp.ones(2)
+  return tx.update(g, tx.init(g), g, *kwargs.pop("args", ()), **kwargs)
+
+
+# The mistakes of the Errors section's last table: (the call as shown, the
+# call).
+MISTAKES = (
+    ("zclip(3e-4)", lambda: optax_zclip.zclip(3e-4)),
+    ("tx.update(grads, state, params, loss=loss)",
+     lambda: _skip_update(loss=2.5)),
+    ("tx.update(grads, state, params, loss)",
+     lambda: _skip_update(args=(2.5,))),
+    ("stats(params)", lambda: optax_zclip.stats({"w": jnp.ones(2)})),
+)
+
+
+def test_each_mistake_raises_a_type_error_that_names_the_fix():
+  fixes = ("Write zclip(alpha=0.0003)", "value=loss", "value=loss",
+           "Pass the optimizer state")
+  for (_, fn), fix in zip(MISTAKES, fixes, strict=True):
+    with pytest.raises(TypeError, match=re.escape(fix)):
+      fn()
 
 
 DOCS_PAGE = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "guides"
@@ -376,7 +424,7 @@ def _section(text: str, end: int) -> str:
 def test_errors_markdown_renders_a_row_per_argument():
   text = errors_markdown()
   rows = [line for line in text.splitlines() if line.startswith("| `")]
-  assert len(rows) == len(TABLE)
+  assert len(rows) == len(TABLE) + len(MISTAKES)
   assert text.startswith("## Errors\n")
 
 

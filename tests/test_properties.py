@@ -285,7 +285,8 @@ def test_autoclip_clips_to_the_numpy_percentile(percentile, window, history,
   norms, valid = _pad(history)
   before = _autoclip_history(norms, valid, jnp.asarray(percentile),
                              window=window)
-  out, after = optax_zclip.autoclip(percentile=percentile, window=window).update(grads, before)
+  tx = optax_zclip.autoclip(percentile=percentile, window=window)
+  out, after = tx.update(grads, before)
   g32 = float(after.grad_norm)
   g = _norm64(grads)
   recorded = np.concatenate([history, [g32]]).astype(np.float64)[-window:]

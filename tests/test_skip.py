@@ -494,7 +494,8 @@ def test_window_must_be_static_under_inject_hyperparams():
 def _wrapped(name):
   """``skip_spikes`` around ``chain(<entry>, adamw)``, for every entry."""
   tx = with_adamw(name)
-  return tx if name in WRAPPERS else optax_zclip.skip_spikes(tx, window=8, sigma=3.0)
+  return (tx if name in WRAPPERS
+          else optax_zclip.skip_spikes(tx, window=8, sigma=3.0))
 
 
 def _donated_run(tx, run):

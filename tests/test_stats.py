@@ -281,7 +281,8 @@ def test_one_state_in_a_multi_transform_group_has_the_keys_it_has_alone():
 
 def test_a_plain_dict_with_the_same_keys_is_not_a_clipping_state():
   lookalike = {k: jnp.zeros([]) for k in optax_zclip.ZClipState._fields}
-  assert optax_zclip.stats({"metrics": lookalike}) == {}
+  opt = optax.adamw(1e-3).init({"w": jnp.zeros(3)})
+  assert optax_zclip.stats({"metrics": lookalike, "opt": opt}) == {}
   # (The same fields as `nnx.state` renders a real ZClipState are found:
   # test_nnx.py.)
 
