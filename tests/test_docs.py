@@ -4,6 +4,7 @@ The Sphinx build (``.ci/run``) fails on these too; here they fail in seconds,
 without Sphinx installed.
 """
 
+import inspect
 import pathlib
 import re
 import sys
@@ -72,3 +73,20 @@ def test_readme_is_a_front_page_and_ci_runs_its_test_command():
   assert test_command == "python -m pytest -q"
   ci = (ROOT / ".ci" / "run").read_text()
   assert re.search(rf"^{re.escape(test_command)}$", ci, flags=re.M)
+
+
+def test_the_quickstart_names_the_defaults_that_decide_a_clip():
+  # The quickstart's comment lists ZClip's defaults; the absolute cap, which
+  # clips any step above it, is among them, with its real value.
+  readme = (ROOT / "README.md").read_text()
+  line = next(x for x in readme.splitlines()
+              if "optax_zclip.zclip()" in x and "#" in x)
+  shown = dict(kv.split("=") for kv in line.split("#")[1].split(", "))
+  shown = {k.strip(): float(v) for k, v in shown.items()}
+  defaults = inspect.signature(optax_zclip.zclip).parameters
+  assert set(shown) == {"alpha", "z_thresh", "warmup_steps", "max_grad_norm"}
+  for name, value in shown.items():
+    assert defaults[name].default == value, name
+  # No claim that there is nothing to set, with a fixed cap at 1.0.
+  assert "no number to tune" not in readme
+  assert "max_grad_norm=None" in readme.split("## Quickstart")[1]

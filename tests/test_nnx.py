@@ -295,3 +295,33 @@ def test_the_fields_of_a_zclip_state_as_nnx_state_renders_them_are_found():
   model.w = nnx.Param(jnp.zeros(2))
   optimizer = nnx.Optimizer(model, optax_zclip.zclip(), wrt=nnx.Param)
   assert set(optax_zclip.stats(nnx.state(optimizer))) == KEYS
+
+
+def test_a_loss_passed_as_loss_to_an_nnx_optimizer_is_refused():
+  # MaxText's and Levanter's name for it; skip_spikes reads `value`.
+  model = _MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _skip_tx(8, 4.0), wrt=nnx.Param)
+
+  @nnx.jit(donate_argnums=(0, 1))
+  def train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(
+        lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads, loss=loss)
+    return loss
+
+  x, y = jnp.ones((4, 4)), jnp.zeros((4, 1))
+  with pytest.raises(TypeError, match=r"`loss=` but no `value=`.*"
+                     r"optimizer.update\(model, grads, value=loss\)"):
+    train_step(model, optimizer, x, y)
+
+
+def test_stats_of_a_model_is_a_type_error_of_a_plain_optimizer_empty():
+  model = _MLP(nnx.Rngs(0))
+  for wrong in (model, nnx.state(model), nnx.state(model, nnx.Param)):
+    with pytest.raises(TypeError, match="holds no optimizer state"):
+      optax_zclip.stats(wrong)
+  with pytest.raises(TypeError, match=r"a model \(an nnx.Module\)"):
+    optax_zclip.stats(model)
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+  for right in (optimizer, nnx.state(optimizer), optimizer.opt_state):
+    assert optax_zclip.stats(right) == {}
