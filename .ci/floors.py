@@ -3,8 +3,9 @@
 ``--library``: each runtime dependency at exactly its declared floor
 (``jax>=X`` -> ``jax==X``) and jaxlib at jax's, one per line, for a pip
 constraints file. ``--tests``: what the library's tests need besides, from
-the ``test`` extra, without flax (the tests that need it are marked
-``examples`` and left out of the floor job) and lint. Orbax is pinned to
+the ``test`` extra, without flax and equinox (the tests that need them are
+marked ``examples`` and left out of the floor job; equinox needs jax >=
+0.4.38) and lint. Orbax is pinned to
 the release the floor job was measured with: the examples' floor of it
 (0.11.17) needs jax >= 0.5, and 0.11.0 is the oldest that restores the
 library's states (it fails to import with jax >= 0.7, hence not the
@@ -18,7 +19,7 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LEAVE_OUT = {"flax", "ruff"}
+LEAVE_OUT = {"flax", "equinox", "ruff"}
 MEASURED = {"orbax-checkpoint": "0.11.0"}
 
 
