@@ -34,28 +34,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import variants
 from memory import plain_norm_and_scale
 
 import optax_zclip
 from optax_zclip import _numerics, _skip
 
 VARIANTS = {
-    "adamw": lambda: optax.adamw(1e-3),
-    "optax.clip_by_global_norm+adamw": lambda: optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-    "clip_by_global_norm+adamw": lambda: optax.chain(
-        optax_zclip.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-    "zclip+adamw": lambda: optax.chain(optax_zclip.zclip(),
-                                       optax.adamw(1e-3)),
-    "adagc+adamw": lambda: optax.chain(optax_zclip.adagc(),
-                                       optax.adamw(1e-3)),
-    "skip_spikes(zclip+adamw)": lambda: optax_zclip.skip_spikes(
-        optax.chain(optax_zclip.zclip(), optax.adamw(1e-3))),
-    "skip_spikes(adamw)": lambda: optax_zclip.skip_spikes(optax.adamw(1e-3)),
+    **variants.table(1e-3),
     # The norms alone, scaled into the updates: the package's overflow-safe
     # norm against a plain one.
-    "clip_by_global_norm": lambda: optax_zclip.clip_by_global_norm(1.0),
-    "optax.tree.norm+scale": plain_norm_and_scale,
+    "clip_by_global_norm": variants.Variant(
+        lambda: optax_zclip.clip_by_global_norm(1.0), False),
+    "optax.tree.norm+scale": variants.Variant(plain_norm_and_scale, False),
 }
 BASE = "optax.clip_by_global_norm+adamw"
 
@@ -121,9 +112,10 @@ def compile_seconds(name: str, params: dict[str, jax.Array],
 def _compile_seconds(name: str, params: dict[str, jax.Array]
                      ) -> tuple[float, float, float]:
   jax.clear_caches()
-  tx = VARIANTS[name]()
+  make, takes_value = VARIANTS[name]
+  tx = make()
   state = tx.init(params)
-  extra = {"value": jnp.float32(1.0)} if name.startswith("skip") else {}
+  extra = {"value": jnp.float32(1.0)} if takes_value else {}
 
   def step(p, s, g):
     u, s = tx.update(g, s, p, **extra)
@@ -194,16 +186,12 @@ def main(argv: list[str] | None = None) -> None:
           + f" | {total[name, cut]:.2f} | {ratio} |")
 
 
-# The variants built from optax alone, which no ablation changes.
-_PLAIN = {"adamw", BASE, "optax.tree.norm+scale"}
-
-
 def _relevant(name: str, cut: tuple[str, ...]) -> tuple[str, ...]:
   """The parts in ``cut`` whose removal changes variant ``name``'s step."""
-  if name in _PLAIN:
+  if name == "adamw" or name.startswith("optax."):  # optax alone
     return ()
   return tuple(c for c in cut
-               if c == "no-overflow-pass" or name.startswith("skip"))
+               if c == "no-overflow-pass" or VARIANTS[name].takes_value)
 
 
 if __name__ == "__main__":

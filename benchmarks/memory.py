@@ -1,7 +1,8 @@
 """Peak memory and memory traffic of a donated train step, from XLA itself.
 
-For each clipping transform chained before AdamW, alone and wrapped in
-`optax_zclip.skip_spikes` (and once with `skip_spikes`' fallback forced, the
+For each chain of ``benchmarks/variants.py`` (every clipping transform
+chained before AdamW, alone and wrapped in `optax_zclip.skip_spikes`), for
+``optax.apply_if_finite`` and once with `skip_spikes`' fallback forced (the
 whole-state select it falls back to where its jaxpr replay cannot run),
 compiles a donated ``jax.jit`` train step (forward,
 backward, update, ``optax.apply_updates``) on 16 float32 matrices of
@@ -31,13 +32,10 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import optax
+import variants
 
 import optax_zclip
 from optax_zclip import _compat
-
-
-def _adamw():
-  return optax.adamw(1e-3)
 
 
 def plain_norm_and_scale() -> optax.GradientTransformation:
@@ -55,24 +53,12 @@ def plain_norm_and_scale() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
-def variants() -> dict[str, tuple[optax.GradientTransformation, bool]]:
-  """name -> (optimizer, whether its update takes the loss as ``value``)."""
-  out = {
-      "adamw": (_adamw(), False),
-      "optax.clip_by_global_norm+adamw": (optax.chain(
-          optax.clip_by_global_norm(1.0), _adamw()), False),
-      "optax.apply_if_finite(adamw)": (optax.apply_if_finite(_adamw(), 3),
-                                       False),
-  }
-  for name, make in [("zclip", optax_zclip.zclip),
-                     ("adagc", optax_zclip.adagc),
-                     ("autoclip", optax_zclip.autoclip),
-                     ("clip_by_global_norm",
-                      lambda: optax_zclip.clip_by_global_norm(1.0))]:
-    out[f"{name}+adamw"] = (optax.chain(make(), _adamw()), False)
-    out[f"skip_spikes({name}+adamw)"] = (optax_zclip.skip_spikes(
-        optax.chain(make(), _adamw())), True)
-  return out
+# The shared chains, with optax's select after the update as an anchor.
+VARIANTS = {
+    **variants.table(1e-3),
+    "optax.apply_if_finite(adamw)": variants.Variant(
+        lambda: optax.apply_if_finite(optax.adamw(1e-3), 3), False),
+}
 
 
 @contextlib.contextmanager
@@ -125,10 +111,10 @@ def table(matrices: int = 16, size: int = 1024) -> dict[str, tuple[float,
   """name -> (extra peak temp, extra bytes accessed) over bare AdamW, in
   units of the parameters' bytes."""
   param_bytes = matrices * size * size * 4
-  rows = {name: analyse(tx, v, matrices, size)
-          for name, (tx, v) in variants().items()}
+  rows = {name: analyse(make(), v, matrices, size)
+          for name, (make, v) in VARIANTS.items()}
   with replay_unavailable():
-    rows[FALLBACK] = analyse(variants()["skip_spikes(zclip+adamw)"][0], True,
+    rows[FALLBACK] = analyse(VARIANTS["skip_spikes(zclip+adamw)"].make(), True,
                              matrices, size)
   temp0, bytes0 = rows["adamw"]
   return {name: ((t - temp0) / param_bytes, (b - bytes0) / param_bytes)

@@ -29,12 +29,12 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import variants
 from flax import nnx
 
 import optax_zclip
@@ -70,27 +70,7 @@ SIZES = {
 }
 
 
-def _adamw() -> optax.GradientTransformation:
-  return optax.adamw(1e-4)
-
-
-# name -> (optimizer factory, whether the step passes value=loss).
-VARIANTS: dict[str, tuple[Callable[[], optax.GradientTransformation],
-                          bool]] = {
-    "adamw": (_adamw, False),
-    "clip_by_global_norm+adamw": (lambda: optax.chain(
-        optax.clip_by_global_norm(1.0), _adamw()), False),
-    "optax_zclip.clip_by_global_norm+adamw": (lambda: optax.chain(
-        optax_zclip.clip_by_global_norm(1.0), _adamw()), False),
-    "zclip+adamw": (lambda: optax.chain(optax_zclip.zclip(), _adamw()),
-                    False),
-    "adagc+adamw": (lambda: optax.chain(optax_zclip.adagc(), _adamw()),
-                    False),
-    "autoclip+adamw": (lambda: optax.chain(optax_zclip.autoclip(), _adamw()),
-                       False),
-    "skip_spikes(zclip+adamw)": (lambda: optax_zclip.skip_spikes(
-        optax.chain(optax_zclip.zclip(), _adamw())), True),
-}
+VARIANTS = variants.table(1e-4)
 BARE = "adamw"
 
 

@@ -1,15 +1,75 @@
-"""benchmarks/step_overhead.py and train_step.py: a tiny run of each."""
+"""The benchmark scripts: a tiny run of each, and their shared variants."""
 
+import importlib
 import pathlib
+import re
+import shlex
 import sys
 
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
-                       "benchmarks"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import step_overhead  # noqa: E402
+import variants  # noqa: E402
+
+# The names only: the learning rate is each script's.
+SHARED = variants.table(1e-3)
+
+
+def test_shared_table_has_each_clipping_transform():
+  # Derived from the package: a transform it stops finding is a failure
+  # here, not a row missing from every benchmark.
+  assert set(variants.CLIPPERS) >= {"zclip", "adagc", "autoclip",
+                                    "clip_by_global_norm"}
+  for name in variants.CLIPPERS:
+    assert SHARED[f"{name}+adamw"].takes_value is False
+    assert SHARED[f"skip_spikes({name}+adamw)"].takes_value is True
+  assert {"adamw", "skip_spikes(adamw)",
+          "optax.clip_by_global_norm+adamw"} <= set(SHARED)
+
+
+# What each script adds to the shared table (rows of its own), and whether
+# it leaves out the chains whose update takes the loss.
+OWN = {
+    "compile_time": ({"clip_by_global_norm", "optax.tree.norm+scale"}, False),
+    "memory": ({"optax.apply_if_finite(adamw)"}, False),
+    "step_overhead": (set(), True),
+    "train_step": (set(), False),
+}
+# train_step.py imports flax and the spike demo's model.
+SCRIPTS = ["compile_time", "memory", "step_overhead",
+           pytest.param("train_step", marks=pytest.mark.examples)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_names_its_variants_from_the_shared_table(script):
+  own, no_value = OWN[script]
+  shared = {n for n, v in SHARED.items() if not (no_value and v.takes_value)}
+  assert set(importlib.import_module(script).VARIANTS) == shared | own
+
+
+def _documented_variants() -> dict[str, set[str]]:
+  """script -> the names the Performance guide passes it in ``--variants``."""
+  text = (ROOT / "docs" / "guides" / "performance.md").read_text()
+  out = {}
+  for command in re.findall(r"^python benchmarks/.*$",
+                            text.replace("\\\n", " "), re.MULTILINE):
+    words = shlex.split(command)
+    if "--variants" in words:
+      names = words[words.index("--variants") + 1].split(",")
+      out.setdefault(pathlib.Path(words[1]).stem, set()).update(names)
+  return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_guide_uses_the_scripts_variant_names(script):
+  documented = _documented_variants()
+  assert {"compile_time", "train_step"} <= set(documented)
+  names = set(importlib.import_module(script).VARIANTS)
+  assert documented.get(script, set()) <= names
 
 
 def test_tiny_run_prints_every_variant(capsys):
