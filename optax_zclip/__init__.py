@@ -10,7 +10,7 @@ state, and `spike_score` / `count_spikes` measure the loss spikes they are
 meant to prevent. `skip_spikes` wraps a whole optimizer and skips the steps
 whose loss or gradient norm is an extreme outlier (OLMo-core's rule).
 `replay` runs them over the norms of a run already logged (also a command,
-``python -m optax_zclip.replay LOG``), to see what each would have clipped.
+``optax-zclip replay LOG``), to see what each would have clipped.
 """
 
 from optax_zclip._adagc import AdaGCState, adagc

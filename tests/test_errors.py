@@ -144,9 +144,7 @@ def test_bad_value_raises_a_value_error_naming_the_argument(fn, arg, value):
 def test_the_table_covers_every_argument_of_every_public_function():
   # Every public function but the telemetry readers, which take any state,
   # and replay, which takes a logged series and builds its methods with the
-  # factories above (its input errors are tested in test_replay.py). By name:
-  # once `optax_zclip.replay` the module is imported, the attribute is that
-  # (callable) module.
+  # factories above (its input errors are tested in test_replay*.py).
   public = {name for name in optax_zclip.__all__
             if inspect.isfunction(getattr(optax_zclip, name))} - {
                 "stats", "loggable_state", "replay"}

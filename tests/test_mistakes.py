@@ -24,7 +24,8 @@ import pytest
 from references import SkipSpikesRef, tree_norm64
 
 import optax_zclip
-from optax_zclip import _replay
+from optax_zclip import _cli
+from optax_zclip._replay import _logs
 
 T, BAD, NAN_STEP, WINDOW, SIGMA = 60, 30, 40, 16, 6.0
 
@@ -157,7 +158,7 @@ def test_inner_telemetry_repeats_the_last_taken_step_on_a_skipped_one(logged):
 def test_the_replay_reads_the_norm_of_every_step_and_says_so(logged, tmp_path,
                                                              capsys):
   path, _, norms, losses = logged
-  log = _replay.read_log(str(path))
+  log = _logs.read_log(str(path))
   assert log.norm_column == "skip/grad_norm" and log.loss_column == "loss"
   finite = np.isfinite(norms)
   assert not finite[NAN_STEP] and finite.sum() == T - 1
@@ -166,8 +167,8 @@ def test_the_replay_reads_the_norm_of_every_step_and_says_so(logged, tmp_path,
 
   out = tmp_path / "out"
   method = f"skip:window={WINDOW},sigma={SIGMA:g}"
-  assert _replay.main([str(path), "--methods", method, "--out", str(out),
-                       "--no-plot"]) == 0
+  assert _cli.main(["replay", str(path), "--methods", method, "--out",
+                    str(out), "--no-plot"]) == 0
   text = " ".join(capsys.readouterr().out.split())
   assert "the norms are column 'skip/grad_norm'" in text
   assert "'zclip/grad_norm', 'clip/grad_norm'" not in text  # no such column
@@ -196,12 +197,12 @@ def test_the_replay_reads_the_norm_of_every_step_and_says_so(logged, tmp_path,
 def test_two_unknown_norm_columns_are_refused_and_listed(tmp_path):
   path = tmp_path / "two.csv"
   path.write_text("step,encoder/grad_norm,decoder/grad_norm\n0,1.0,2.0\n")
-  with pytest.raises(_replay.LogError,
+  with pytest.raises(_logs.LogError,
                      match="2 columns could be the gradient norm "
                            r"\(encoder/grad_norm, decoder/grad_norm\); "
                            "choose one with --norm-column"):
-    _replay.read_log(str(path))
-  log = _replay.read_log(str(path), norm_column="decoder/grad_norm")
+    _logs.read_log(str(path))
+  log = _logs.read_log(str(path), norm_column="decoder/grad_norm")
   assert log.norms.tolist() == [2.0] and not log.notes
 
 

@@ -1,4 +1,4 @@
-"""`optax_zclip.replay` and ``python -m optax_zclip.replay``.
+"""`optax_zclip.replay`, the engine: its results and its method specs.
 
 Every number is checked against an independent computation: the float64
 models of `references.py` (which never run the package), ``min(g, 1)``, or
@@ -7,15 +7,9 @@ their lengths and methods, so that the replays reuse a handful of compiled
 scans; one test replays 100,000 steps.
 """
 
-import contextlib
 import csv
-import json
 import math
-import os
-import subprocess
-import sys
 import time
-import types
 
 import numpy as np
 import optax
@@ -23,7 +17,7 @@ import pytest
 from references import AutoClipRef, SkipSpikesRef, ZClipRef
 
 import optax_zclip
-from optax_zclip import _replay
+from optax_zclip._replay import _engine, _methods
 
 N = 300
 SPIKES = {60: 9.0, 61: 5.0, 150: 25.0, 220: 3.5, 270: 12.0}
@@ -202,179 +196,17 @@ def _write_wandb_csv(path, with_steps=True):
         w.writerow(([2 * t + 1] if with_steps else []) + ["", "", "2.5"])
 
 
-def test_cli_on_a_wandb_csv(tmp_path, capsys):
-  log, out = tmp_path / "run.csv", tmp_path / "out"
-  _write_wandb_csv(log)
-  status = _replay.main([
-      str(log), "--norm-column", "train/grad_norm", "--loss-column",
-      "train/loss", "--step-column", "_step", "--methods", "zclip,clip@1",
-      "--out", str(out)])
-  assert status == 0
-  text = capsys.readouterr().out
-  with open(out / "replay.csv") as f:
-    rows = list(csv.DictReader(f))
-  assert list(rows[0]) == [
-      "step", "grad_norm", "zclip/threshold", "zclip/out_norm",
-      "zclip/clipped", "clip@1/threshold", "clip@1/out_norm",
-      "clip@1/clipped"]
-  assert len(rows) == N  # one per logged norm; the evaluation rows are not
-  assert [int(r["step"]) for r in rows] == list(range(0, 2 * N, 2))
-  np.testing.assert_array_equal([float(r["grad_norm"]) for r in rows], G)
-  _, ref_out, ref_clipped = _zclip_reference(G)
-  np.testing.assert_allclose([float(r["zclip/out_norm"]) for r in rows],
-                             ref_out, rtol=1e-4)
-  assert [r["zclip/clipped"] for r in rows] == [
-      "1" if c else "0" for c in ref_clipped]
-  with np.errstate(invalid="ignore"):
-    np.testing.assert_allclose(
-        [float(r["clip@1/out_norm"]) for r in rows],
-        np.where(np.isfinite(G) & (G > 1), 1.0, G), rtol=1e-6)
-  png = (out / "replay.png").read_bytes()
-  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-  # What it prints: the open-loop caveat, the rows it left out, the gaps of
-  # the steps (every other step), the non-finite steps and the table, whose
-  # counts are the CSV's.
-  flat = " ".join(text.split())
-  assert "open loop" in flat and "not what the loss would have been" in flat
-  assert "Left out 6 rows without a value in 'train/grad_norm'" in flat
-  assert "a norm every 2 steps: a subsampled series" in flat
-  assert "2 norms are NaN or Inf" in flat
-  clipped = sum(ref_clipped)
-  line = next(x for x in text.splitlines() if x.startswith("zclip "))
-  assert f"{clipped} ({100 * clipped / N:.1f}%)" in line
-  clip_line = next(x for x in text.splitlines() if x.startswith("clip@1 "))
-  cut = G[np.isfinite(G) & (G > 1)]
-  assert f"{cut.max():.2f}x" in clip_line
-  assert f"{np.median(cut):.2f}x" in clip_line
-
-
-def test_cli_without_matplotlib_writes_the_csv_and_says_how(
-    tmp_path, capsys, monkeypatch):
-  monkeypatch.setitem(sys.modules, "matplotlib", None)
-  log = tmp_path / "norms.txt"
-  log.write_text("\n".join(repr(float(x)) for x in G) + "\n")
-  assert _replay.main([str(log), "--methods", "clip@1", "--out",
-                       str(tmp_path)]) == 0
-  text = capsys.readouterr().out
-  assert ("No plot: matplotlib is not installed (pip install matplotlib"
-          in " ".join(text.split()))
-  assert (tmp_path / "replay.csv").exists()
-  assert not (tmp_path / "replay.png").exists()
-
-
-@pytest.mark.parametrize("content, args, says", [
-    (None, [], "no such file"),
-    ("_step,train/loss\n0,2.5\n", ["--norm-column", "train/grad_norm"],
-     "has no column 'train/grad_norm' (--norm-column); its columns: _step, "
-     "train/loss"),
-    ("step,grad_norm\n0,1.5\n1,abc\n", [],
-     "line 3: column 'grad_norm' holds 'abc', not a number"),
-    ("step,grad_norm\n", [], "no norms to replay"),
-    ("step,grad_norm\n0,\n1,\n", [], "no norms to replay"),
-    ("1.0\n2.0\nx\n", [], "line 3: holds 'x', not a number"),
-    ('{"grad_norm": 1.0}\n{"grad_norm": [1]}\n', [], "line 2: column "
-     "'grad_norm' holds [1], not a number"),
-    ("step,grad_norm\n0,-1.0\n", [], "the norm -1.0 is negative"),
-    ('{\n  "global_step": 3\n}\n', [], "is a JSON object without "
-     "log_history"),
-    ("a,b\n1,2\n", [], "no column looks like the gradient norm; give it with "
-     "--norm-column (its columns: a, b)"),
-    ("1.0\n", ["--methods", "zclip,bogus"], "unknown method 'bogus'"),
-    ("1.0\n", ["--methods", "adagc"], "AdaGC clips each tensor"),
-    ("1.0\n", ["--methods", "zclip:alpha=2"], "`alpha` must be in the open "
-     "interval (0, 1)"),
-    ("1.0\n", ["--methods", "zclip:zthresh=2"], "zclip has no argument "
-     "'zthresh'"),
-    ("1.0\n", ["--methods", "clip"], "clip needs max_norm"),
-    ("1.0\n", ["--methods", "alpha=0.9"], "does not follow a method"),
-    ("1.0\n", ["--bogus"], "unrecognized arguments: --bogus"),
-])
-def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys, content,
-                                                  args, says):
-  log = tmp_path / "run.csv"
-  if content is not None:
-    log.write_text(content)
-  with (pytest.raises(SystemExit) if "--bogus" in args
-        else contextlib.nullcontext()):
-    status = _replay.main([str(log), *args, "--out", str(tmp_path / "o")])
-    assert status == 2
-  captured = capsys.readouterr()
-  assert captured.out == ""
-  (line,) = captured.err.splitlines()
-  assert line.startswith("python -m optax_zclip.replay: error: ")
-  assert says in line and "Traceback" not in line
-
-
-def test_csv_gaps_and_no_step_column(tmp_path):
-  log = tmp_path / "run.csv"
-  log.write_text("step,grad_norm,loss\n0,1.0,3\n1,2.0,\n5,nan,2.9\n"
-                 "6,,2.8\n9,inf,2.7\n")
-  got = _replay.read_log(str(log))
-  np.testing.assert_array_equal(got.steps, [0, 1, 5, 9])
-  np.testing.assert_array_equal(got.norms, [1.0, 2.0, np.nan, np.inf])
-  assert got.losses == [3.0, None, 2.9, 2.7] and got.left_out == 1
-  assert (got.norm_column, got.loss_column, got.step_column) == (
-      "grad_norm", "loss", "step")
-  assert got.notes == ["the steps have gaps (4 norms over steps 0 to 9, 6 "
-                       "steps without one): they are replayed as the 4 steps "
-                       "the log has, one after another"]
-  _write_wandb_csv(log, with_steps=False)
-  got = _replay.read_log(str(log))
-  assert got.step_column is None and got.notes == []
-  np.testing.assert_array_equal(got.steps, np.arange(N))
-  np.testing.assert_array_equal(got.norms, G)
-  assert got.losses == LOSSES
-  tsv = tmp_path / "run.tsv"  # TensorBoard's export, tab-separated here
-  tsv.write_text("Wall time\tStep\tValue\n1.5\t10\t0.5\n1.6\t20\t0.25\n")
-  got = _replay.read_log(str(tsv))
-  assert (got.norm_column, got.step_column) == ("Value", "Step")
-  np.testing.assert_array_equal(got.norms, [0.5, 0.25])
-  assert "a norm every 10 steps: a subsampled series" in got.notes[0]
-
-
-def test_json_lines_trainer_state_and_plain(tmp_path):
-  jsonl = tmp_path / "metrics.jsonl"
-  rows = [{"method": m, "seed": 0, "step": t, "grad_norm": 1.0 + t + i,
-           "loss": 2.0, "threshold": None}
-          for i, m in enumerate(("zclip", "none")) for t in range(3)]
-  rows[1]["grad_norm"] = None  # not logged at that step
-  jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-  got = _replay.read_log(str(jsonl), where=["method=zclip", "seed=0"])
-  assert got.fmt == "JSON lines" and got.left_out == 1
-  np.testing.assert_array_equal(got.steps, [0, 2])
-  np.testing.assert_array_equal(got.norms, [1.0, 3.0])
-  state = tmp_path / "trainer_state.json"
-  history = [{"epoch": 0.1, "grad_norm": 4.5, "learning_rate": 1e-4,
-              "loss": 2.5, "step": 10},
-             {"epoch": 0.1, "eval_loss": 2.6, "step": 10},
-             {"epoch": 0.2, "grad_norm": float("nan"), "loss": 2.4,
-              "step": 20},
-             {"train_loss": 2.45, "train_runtime": 1.0, "step": 20}]
-  state.write_text(json.dumps({"global_step": 20, "log_history": history},
-                              indent=2))
-  got = _replay.read_log(str(state))
-  assert got.fmt == "Hugging Face trainer_state.json" and got.left_out == 2
-  np.testing.assert_array_equal(got.steps, [10, 20])
-  np.testing.assert_array_equal(got.norms, [4.5, np.nan])
-  assert got.losses == [2.5, 2.4]
-  plain = tmp_path / "norms.txt"
-  plain.write_text("# grad norms\n0.5\n\n0.75\nNaN\n")
-  got = _replay.read_log(str(plain))
-  np.testing.assert_array_equal(got.norms, [0.5, 0.75, np.nan])
-  assert got.losses is None and got.step_column is None
-
-
 def test_method_specs_and_sweeps():
-  names = [n for n, _ in _replay._parse_methods(
+  names = [n for n, _ in _methods._parse_methods(
       "zclip:z_thresh=2.5,alpha=0.97,clip@0.5|1,skip:sigma=5|6,window=64")]
   assert names == ["zclip:z_thresh=2.5,alpha=0.97", "clip@0.5", "clip@1",
                    "skip:sigma=5,window=64", "skip:sigma=6,window=64"]
-  names = [n for n, _ in _replay._parse_methods(
+  names = [n for n, _ in _methods._parse_methods(
       ["zclip:z_thresh=2|3,alpha=0.9|0.99"])]
   assert names == ["zclip:z_thresh=2,alpha=0.9", "zclip:z_thresh=2,alpha=0.99",
                    "zclip:z_thresh=3,alpha=0.9", "zclip:z_thresh=3,alpha=0.99"]
   with pytest.raises(ValueError, match="named twice"):
-    _replay._parse_methods("clip@1,clip@1")
+    _methods._parse_methods("clip@1,clip@1")
   with pytest.raises(ValueError, match="AdaGC"):
     optax_zclip.replay([1.0], methods={"a": optax_zclip.adagc()})
   with pytest.raises(ValueError, match="no clipping or skipping state"):
@@ -385,40 +217,17 @@ def test_method_specs_and_sweeps():
     optax_zclip.replay([1.0, 2.0], [1.0])
 
 
-def test_the_submodule_is_callable_and_the_command_runs(tmp_path):
-  import optax_zclip.replay  # noqa: F401 (sets the attribute to the module)
-  assert isinstance(optax_zclip.replay, types.ModuleType)
-  assert optax_zclip.replay.main is _replay.main
-  by_module = optax_zclip.replay(G, LOSSES, METHODS)
-  by_function = _replay.replay(G, LOSSES, METHODS)
-  assert by_module.keys() == by_function.keys()
-  for k in by_module:
-    np.testing.assert_array_equal(by_module[k], by_function[k])
-  log = tmp_path / "norms.txt"
-  log.write_text("0.5\n0.6\n4.0\n")
-  proc = subprocess.run(
-      [sys.executable, "-W", "error", "-m", "optax_zclip.replay", str(log),
-       "--methods", "clip@1", "--no-plot", "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr
-  assert proc.stderr == "" and "clip@1" in proc.stdout
-  with open(tmp_path / "replay.csv") as f:
-    assert f.read().splitlines()[1:] == ["0,0.5,1.0,0.5,0", "1,0.6,1.0,0.6,0",
-                                         "2,4.0,1.0,1.0,1"]
-
-
 def test_100k_steps_compile_once_per_group_and_run_in_seconds():
   rng = np.random.default_rng(0)
   g = np.exp(0.2 * rng.standard_normal(100_000))
   losses = 2.0 + 0.01 * rng.standard_normal(100_000)
-  before = _replay._run._cache_size()
+  before = _engine._run._cache_size()
   start = time.perf_counter()
   out = optax_zclip.replay(
       g, losses, "zclip:z_thresh=2|2.5|3,max_grad_norm=none,clip@1,skip")
   seconds = time.perf_counter() - start
   # Three groups: the three ZClips are one vmapped scan.
-  assert _replay._run._cache_size() - before == 3
+  assert _engine._run._cache_size() - before == 3
   assert seconds < 30
   # g * (1 / g) may be 1 - 2**-24 in float32.
   np.testing.assert_allclose(out["clip@1/out_norm"], np.minimum(g, 1.0),
