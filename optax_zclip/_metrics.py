@@ -330,18 +330,18 @@ def count_spikes(losses: Any, window: int = 1000,
   turns NaN for good counts once.
 
   Args:
-    losses: the loss of each step, a 1-D array-like of real numbers.
-    window: the number of steps before each step whose losses form its
-      baseline; an integer >= 2.
-    n_sigma: how many standard deviations above the baseline mean a loss must
-      be to count as a spike; finite and > 0.
+    losses: the loss curve, a 1-D array-like of real numbers, as for
+      `spike_score`.
+    window: the length of each step's baseline, an integer >= 2, as for
+      `spike_score`.
+    n_sigma: the threshold in standard deviations, finite and > 0, as for
+      `spike_score`.
 
   Returns:
     The number of runs of flagged steps, a Python int.
 
   Raises:
-    ValueError: if ``losses`` is not a 1-D array of real numbers, ``window``
-      is not an integer >= 2, or ``n_sigma`` is not a finite number > 0.
+    ValueError: for the arguments `spike_score` refuses.
 
   Example:
     >>> from optax_zclip import count_spikes
