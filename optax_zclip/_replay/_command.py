@@ -20,6 +20,7 @@ from optax_zclip._replay._report import (
   summary_rows,
   write_csv,
 )
+from optax_zclip._replay._textlog import TEXT_LOG
 
 
 def _count(n: int, noun: str) -> str:
@@ -54,9 +55,17 @@ LOG formats, recognised by their content:
   trainer_state.json    Hugging Face Transformers: the log_history entries with
                         a grad_norm (evaluation entries have none).
   one number per line   the norms alone.
-Columns, when not given: the norm is grad_norm, train/grad_norm, ... or the one
-column ending in grad_norm; the loss is loss or train/loss; the step is step,
-_step, Step or global_step (without one, the rows are numbered from 0).
+  TensorBoard           an event file, or a run directory (every event file
+                        below it, merged by step); needs
+                        pip install "optax-zclip[tensorboard]".
+  text log              lines of key: value, key=value or |-separated pairs
+                        (Megatron-LM, torchtitan, llm.c); a line is a step
+                        when it holds a step and a norm.
+Columns, when not given: the norm before clipping wherever a log has it and
+another (learning/raw_grad_norm, grad_norm, train/grad_norm, grad norm,
+skip/grad_norm, ..., norm, or the one column ending in grad_norm); the loss is
+loss, train/loss, lm loss, learning/loss or trl; the step is step, _step, Step,
+global_step, iteration or s (without one, the rows are numbered from 0).
 
 METHODS, comma-separated:
   zclip                      optax_zclip.zclip() with its defaults
@@ -131,9 +140,13 @@ def run(args: argparse.Namespace) -> int:
               f"{log.steps[-1]}) of "
               f"{args.log} ({log.fmt}): {', '.join(c for c in cols if c)}."))
   if log.left_out:
-    print(_fill(f"Left out {_count(log.left_out, 'row')} without a value in "
-                f"{log.norm_column!r} (not a step: the row logged other "
-                "values)."))
+    if log.fmt == TEXT_LOG:
+      print(_fill(f"Left out {_count(log.left_out, 'line')} without a step "
+                  "and a norm (evaluation lines, banners)."))
+    else:
+      print(_fill(f"Left out {_count(log.left_out, 'row')} without a value "
+                  f"in {log.norm_column!r} (not a step: the row logged other "
+                  "values)."))
   for note in log.notes:
     print(_fill(f"Note: {note}."))
   nonfinite = int(np.sum(~np.isfinite(log.norms)))

@@ -1,39 +1,34 @@
-"""Reading logs: CSV/TSV, JSON lines, `trainer_state.json`, plain numbers."""
+"""A log's series to replay: its format found, its columns chosen, checked."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-# `skip_spikes`'s norm before the clipping ones: it is every step's norm,
-# while a clipping transform inside `skip_spikes` keeps the last taken step's
-# on a skipped step (its state is not updated), hiding the very spikes.
-NORM_NAMES = ("grad_norm", "train/grad_norm", "gradient_norm",
-              "train/gradient_norm", "skip/grad_norm", "zclip/grad_norm",
-              "clip/grad_norm", "autoclip/grad_norm", "adagc/grad_norm",
-              "Value")
-LOSS_NAMES = ("loss", "train/loss", "train_loss")
+from optax_zclip._replay import _formats, _tensorboard, _textlog
+from optax_zclip._replay._formats import LogError, _Table
+
+# The norm before clipping wherever a log has it and another: MaxText's
+# `learning/raw_grad_norm` before its `learning/grad_norm` (after clipping,
+# last), and `skip_spikes`'s before the clipping transforms': it is every
+# step's norm, while a clipping transform inside `skip_spikes` keeps the last
+# taken step's on a skipped step, hiding the very spikes. Megatron-LM logs
+# `grad norm`, torchtitan `grad_norm`, llm.c `norm`, all before clipping.
+NORM_NAMES = ("learning/raw_grad_norm", "grad_norm", "train/grad_norm",
+              "gradient_norm", "train/gradient_norm", "grad norm",
+              "skip/grad_norm", "zclip/grad_norm", "clip/grad_norm",
+              "autoclip/grad_norm", "adagc/grad_norm", "norm", "Value",
+              "learning/grad_norm")
+# Norms after clipping: the note says what that means for the replay.
+POST_CLIP = ("learning/grad_norm",)
+LOSS_NAMES = ("loss", "train/loss", "train_loss", "lm loss", "learning/loss",
+              "trl")
 STEP_NAMES = ("step", "_step", "Step", "global_step", "train/global_step",
-              "trainer/global_step")
-
-
-class LogError(ValueError):
-  """A log the command cannot replay; the message is one line."""
-
-
-@dataclasses.dataclass
-class _Table:
-  """A log's rows, each a mapping from column to its raw value."""
-
-  fmt: str
-  columns: list[str]
-  rows: list[tuple[str, dict]]  # (where it is in the file, values)
+              "trainer/global_step", "iteration", "s")
 
 
 @dataclasses.dataclass
@@ -52,33 +47,12 @@ class _Log:
   notes: list[str]
 
 
-def _flatten(obj: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in obj.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _json_rows(path: str, objs: list, where: Callable[[int], str]) -> _Table:
-  rows, columns = [], {}
-  for i, obj in enumerate(objs):
-    if not isinstance(obj, dict):
-      raise LogError(f"{where(i)} is not a JSON object")
-    flat = _flatten(obj)
-    columns.update(dict.fromkeys(flat))
-    rows.append((where(i), flat))
-  return _Table("", list(columns), rows)
-
-
 def _read_table(path: str) -> _Table:
-  """Reads a log file into rows, recognising its format by its content."""
+  """Reads a log into rows, recognising its format by its content."""
   if not os.path.exists(path):
     raise LogError(f"{path}: no such file")
-  if os.path.isdir(path):
-    raise LogError(f"{path} is a directory, not a log file")
+  if os.path.isdir(path) or _tensorboard.is_event_file(path):
+    return _tensorboard.read(path)
   try:
     with open(path, encoding="utf-8", newline="") as f:
       text = f.read()
@@ -86,66 +60,11 @@ def _read_table(path: str) -> _Table:
     raise LogError(f"{path} is not a text file (UTF-8)") from None
   except OSError as e:
     raise LogError(f"{path}: {e.strerror}") from None
-  body = text.lstrip()
-  if not body:
+  if not text.strip():
     raise LogError(f"{path} is empty")
-  if body[0] in "{[":
-    try:
-      obj = json.loads(text)
-    except json.JSONDecodeError:
-      obj = None  # JSON lines
-    if isinstance(obj, dict) and "log_history" in obj:
-      history = obj["log_history"]
-      if not isinstance(history, list):
-        raise LogError(f"{path}: log_history is not a list")
-      table = _json_rows(path, history, lambda i: f"{path} log_history[{i}]")
-      table.fmt = "Hugging Face trainer_state.json"
-      return table
-    if isinstance(obj, dict) and "\n" in text.strip():
-      raise LogError(f"{path} is a JSON object without log_history (not a "
-                     "Hugging Face trainer_state.json, nor JSON lines)")
-    if isinstance(obj, list):
-      table = _json_rows(path, obj, lambda i: f"{path} item {i}")
-      table.fmt = "JSON"
-      return table
-    objs, lines = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-      if line.strip():
-        try:
-          objs.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise LogError(f"{path} line {n} is not JSON ({e.msg})") from None
-        lines.append(n)
-    table = _json_rows(path, objs, lambda i: f"{path} line {lines[i]}")
-    table.fmt = "JSON lines"
-    return table
-  lines = text.splitlines()
-  first = next(line.strip() for line in lines
-               if line.strip() and not line.lstrip().startswith("#"))
-  try:
-    float(first)
-  except ValueError:
-    pass
-  else:
-    rows = []
-    for n, line in enumerate(lines, 1):
-      t = line.strip()
-      if t and not t.startswith("#"):
-        rows.append((f"{path} line {n}", {"": t}))
-    return _Table("one number per line", [], rows)
-  delimiter = "\t" if "\t" in first and "," not in first else ","
-  reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
-  header = [c.strip() for c in next(reader)]
-  rows = []
-  for cells in reader:
-    if not any(c.strip() for c in cells):
-      continue
-    where = f"{path} line {reader.line_num}"
-    if len(cells) > len(header):
-      raise LogError(f"{where} has {len(cells)} values for {len(header)} "
-                     "columns")
-    rows.append((where, dict(zip(header, cells, strict=False))))
-  return _Table("CSV", header, rows)
+  if _textlog.looks_like(text):
+    return _textlog.read(path, text)
+  return _formats.read_text(path, text)
 
 
 def _number(raw: Any, where: str, column: str) -> float | None:
@@ -278,8 +197,12 @@ def read_log(path: str, norm_column: str | None = None,
                    path)
   step_col = _pick(table, step_column, STEP_NAMES, "step", "--step-column",
                    path)
+  text_log = table.fmt == _textlog.TEXT_LOG
   norms, losses, steps, wheres = [], [], [], []
   for w, row in table.rows:
+    if text_log and (row.get(norm_col) is None
+                     or (step_col is not None and row.get(step_col) is None)):
+      continue  # a line of other values: evaluation, a banner
     g = _number(row.get(norm_col), w, norm_col)
     if g is None:
       continue  # this row logged other values, not the norm
@@ -302,6 +225,10 @@ def read_log(path: str, norm_column: str | None = None,
   log.left_out = left_out
   if norm_column is None:
     log.notes[:0] = _norm_note(norm_col, table.columns)
+  if norm_col in POST_CLIP:
+    log.notes.insert(0, f"column {norm_col!r} is the norm after clipping: a "
+                     "clipping rule replayed on it cannot see what the run's "
+                     "clipping took away, so steps it clipped look ordinary")
   return log
 
 
