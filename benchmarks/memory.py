@@ -4,9 +4,9 @@ For each chain of ``benchmarks/variants.py`` (every clipping transform
 chained before AdamW, alone and wrapped in `optax_zclip.skip_spikes`), for
 ``optax.apply_if_finite`` and once with `skip_spikes`' fallback forced (the
 whole-state select it falls back to where its jaxpr replay cannot run),
-compiles a donated ``jax.jit`` train step (forward,
-backward, update, ``optax.apply_updates``) on 16 float32 matrices of
-1024x1024 (64 MiB of parameters) and prints, over bare ``optax.adamw``:
+compiles a donated ``jax.jit`` train step (forward, backward, update,
+``optax.apply_updates``) on 16 float32 (or bfloat16) matrices of 1024x1024
+(64 MiB of float32 parameters) and prints, over bare ``optax.adamw``:
 
 * the peak temporary memory, ``compiled.memory_analysis().temp_size_in_bytes``;
 * the bytes accessed, ``compiled.cost_analysis()["bytes accessed"]``,
@@ -20,6 +20,7 @@ not run it.
 
   python benchmarks/memory.py
   python benchmarks/memory.py --matrices 8 --size 512
+  python benchmarks/memory.py --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -82,11 +83,14 @@ FALLBACK = "skip_spikes(zclip+adamw), fallback forced"
 
 
 def analyse(tx: optax.GradientTransformation, with_value: bool,
-            matrices: int = 16, size: int = 1024) -> tuple[int, float]:
-  """(peak temp bytes, bytes accessed) of the compiled donated train step."""
-  params = {f"w{i:02d}": jnp.zeros((size, size)) for i in range(matrices)}
+            matrices: int = 16, size: int = 1024,
+            dtype: str = "float32") -> tuple[int, float]:
+  """(peak temp bytes, bytes accessed) of the compiled donated train step,
+  its parameters (and so its gradients) of ``dtype``."""
+  params = {f"w{i:02d}": jnp.zeros((size, size), dtype)
+            for i in range(matrices)}
   state = tx.init(params)
-  x = jnp.ones((8, size))
+  x = jnp.ones((8, size), dtype)
 
   def loss_fn(p):
     return sum(jnp.mean(jnp.tanh(x @ w)) for w in p.values())
@@ -106,16 +110,16 @@ def analyse(tx: optax.GradientTransformation, with_value: bool,
           float(cost["bytes accessed"]))
 
 
-def table(matrices: int = 16, size: int = 1024) -> dict[str, tuple[float,
-                                                                    float]]:
+def table(matrices: int = 16, size: int = 1024,
+          dtype: str = "float32") -> dict[str, tuple[float, float]]:
   """name -> (extra peak temp, extra bytes accessed) over bare AdamW, in
   units of the parameters' bytes."""
-  param_bytes = matrices * size * size * 4
-  rows = {name: analyse(make(), v, matrices, size)
+  param_bytes = matrices * size * size * jnp.dtype(dtype).itemsize
+  rows = {name: analyse(make(), v, matrices, size, dtype)
           for name, (make, v) in VARIANTS.items()}
   with replay_unavailable():
     rows[FALLBACK] = analyse(VARIANTS["skip_spikes(zclip+adamw)"].make(), True,
-                             matrices, size)
+                             matrices, size, dtype)
   temp0, bytes0 = rows["adamw"]
   return {name: ((t - temp0) / param_bytes, (b - bytes0) / param_bytes)
           for name, (t, b) in rows.items()}
@@ -125,12 +129,16 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--matrices", type=int, default=16)
   p.add_argument("--size", type=int, default=1024)
+  p.add_argument("--dtype", default="float32",
+                 choices=["float32", "bfloat16"],
+                 help="of the parameters and gradients")
   args = p.parse_args(argv)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, "
-        f"{args.matrices} float32 matrices of {args.size}x{args.size}")
+        f"{args.matrices} {args.dtype} matrices of {args.size}x{args.size}")
   print("| step | extra peak temp | extra bytes accessed |")
   print("|---|---|---|")
-  for name, (temp, nbytes) in table(args.matrices, args.size).items():
+  for name, (temp, nbytes) in table(args.matrices, args.size,
+                                    args.dtype).items():
     print(f"| `{name}` | {temp:+.3f}x | {nbytes:+.2f}x |")
 
 

@@ -73,7 +73,17 @@ def _leaf_sq_sum(x: jax.Array) -> jax.Array:
   # overflows above 256, and a low-precision sum over millions of elements
   # drifts far from the true value. XLA fuses the cast, the square and the
   # sum into one read of ``x``.
-  x = _real_f32(x)
+  #
+  # The barrier keeps that fusion private. Without it XLA's common
+  # subexpression elimination merges this cast or square with the same
+  # operation elsewhere in the step (AdamW's ``g ** 2`` when nothing scales
+  # the gradients first, as in ``skip_spikes(adamw)``; the float32 cast of a
+  # bf16 leaf that a clip scales), and an operation with two consumers is
+  # written to memory: a gradient-sized buffer, on XLA:CPU +1x the
+  # parameters' bytes of peak memory and +2x of traffic
+  # (tests/test_cost.py). It copies nothing: ``x`` is a gradient, already in
+  # memory.
+  x = _real_f32(jax.lax.optimization_barrier(jnp.asarray(x)))
   return jnp.sum(x * x)
 
 

@@ -11,6 +11,7 @@ import functools
 import pathlib
 import sys
 
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -30,15 +31,16 @@ PARAM_BYTES = MATRICES * SIZE * SIZE * 4
 
 
 @functools.cache
-def _bare():
+def _bare(dtype="float32"):
   """Bare AdamW's step, compiled once (and not where the tests skip)."""
-  return memory.analyse(optax.adamw(1e-3), False, MATRICES, SIZE)
+  return memory.analyse(optax.adamw(1e-3), False, MATRICES, SIZE, dtype)
 
 
-def _extra(tx, with_value=False):
-  temp, nbytes = memory.analyse(tx, with_value, MATRICES, SIZE)
-  bare_temp, bare_bytes = _bare()
-  return (temp - bare_temp) / PARAM_BYTES, (nbytes - bare_bytes) / PARAM_BYTES
+def _extra(tx, with_value=False, dtype="float32"):
+  temp, nbytes = memory.analyse(tx, with_value, MATRICES, SIZE, dtype)
+  bare_temp, bare_bytes = _bare(dtype)
+  param_bytes = PARAM_BYTES // 4 * jnp.dtype(dtype).itemsize
+  return (temp - bare_temp) / param_bytes, (nbytes - bare_bytes) / param_bytes
 
 CLIPPERS = {
     "zclip": optax_zclip.zclip,
@@ -84,6 +86,34 @@ def test_budgets(name):
   # (+0.05x here is its window buffers and scalars, 200 KB; +0.02x at the
   # full size of benchmarks/memory.py.)
   assert skip_bytes <= nbytes + 0.1, (skip_bytes, nbytes)
+
+
+def test_skip_spikes_without_a_clip_adds_no_buffer():
+  # skip_spikes around bare AdamW measures the norm of the very gradients
+  # AdamW squares: XLA's common subexpression elimination merged the norm's
+  # x * x with AdamW's g ** 2, and the shared square, read by two fusions,
+  # was written to memory (+1x peak, +4.06x traffic before the norm's
+  # optimization barrier).
+  temp, nbytes = _extra(optax_zclip.skip_spikes(optax.adamw(1e-3)), True)
+  assert temp <= 0.01, temp
+  # The norm's read, its rescaled pass and the window buffers, as with a
+  # clip inside (test_budgets).
+  assert nbytes == pytest.approx(2.06, abs=0.02), nbytes
+
+
+@pytest.mark.parametrize("name", list(CLIPPERS))
+def test_bf16_gradients_get_no_float32_copy(name):
+  # The norm squares a bf16 leaf in float32. Merged with the float32 cast
+  # of the same leaf that the clip's scale makes, the cast had two
+  # consumers and XLA wrote it to memory: a float32 copy of every gradient
+  # (+0.75x the bf16 parameters' bytes here, +2x traffic).
+  temp, nbytes = _extra(optax.chain(CLIPPERS[name](), optax.adamw(1e-3)),
+                        dtype="bfloat16")
+  assert temp <= 0.01, temp
+  assert nbytes == pytest.approx(8.02, abs=0.02), nbytes
+  temp, _ = _extra(optax_zclip.skip_spikes(
+      optax.chain(CLIPPERS[name](), optax.adamw(1e-3))), True, "bfloat16")
+  assert temp <= 0.01, temp
 
 
 def test_the_fallback_pays_for_a_copy_of_the_moments():
