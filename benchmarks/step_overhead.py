@@ -1,10 +1,11 @@
 """What clipping costs per optimizer step, measured side by side.
 
 A jitted optimizer step (``tx.update`` + ``optax.apply_updates``, params and
-state donated) on a fixed gradient pytree, for bare AdamW and for each
-clipping transform chained before it. The variants run in alternating rounds
-(the order rotates every round) so that the machine's drift cancels; each
-round yields the ratio of every variant to
+state donated) on a fixed gradient pytree, for bare AdamW, for each
+clipping transform chained before it and for `optax_zclip.skip_spikes`
+around each (given a constant loss, so it never skips). The variants run
+in alternating rounds (the order rotates every round) so that the
+machine's drift cancels; each round yields the ratio of every variant to
 ``optax.clip_by_global_norm+adamw``, to bare ``adamw`` and to
 ``clip_by_global_norm+adamw`` (this package's: global-norm clipping reduced
 to a float32 norm and a scalar factor folded into AdamW, the floor of any
@@ -41,9 +42,9 @@ import variants  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-# The chains whose update takes no loss (the step passes none).
-VARIANTS = {name: v.make for name, v in variants.table(1e-4).items()
-            if not v.takes_value}
+# Every shared chain; those that take the loss (`skip_spikes`) get a
+# constant one, so that they never skip.
+VARIANTS = variants.table(1e-4)
 BASE, BARE, FLOOR = ("optax.clip_by_global_norm+adamw", "adamw",
                      "clip_by_global_norm+adamw")
 
@@ -67,9 +68,10 @@ def llama_tree(d: int = 512, layers: int = 8, vocab: int = 32000,
   return shapes
 
 
-def make_step(tx: optax.GradientTransformation):
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
+def make_step(tx: optax.GradientTransformation, takes_value: bool):
+  def step(params, state, grads, value):
+    extra = {"value": value} if takes_value else {}
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -99,27 +101,30 @@ def main(argv: list[str] | None = None) -> None:
                 for k, s in shapes.items()}
   n_params = sum(int(np.prod(s)) for s in shapes.values())
 
-  sharding = None
+  sharding = replicated = None
   if args.devices:
     mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
     n = mesh.shape["fsdp"]
     sharding = {k: NamedSharding(mesh, P("fsdp") if s[0] % n == 0 else P())
                 for k, s in shapes.items()}
+    replicated = NamedSharding(mesh, P())
 
   def put(tree):
     return jax.device_put(tree, sharding) if sharding else jax.device_put(tree)
 
   grads = put(host_grads)
+  value = jax.device_put(np.float32(2.0), replicated)
   runs, compile_s = {}, {}
   for name in names:
-    tx = VARIANTS[name]()
+    make, takes_value = VARIANTS[name]
+    tx = make()
     params = put({k: np.zeros(s, dtype) for k, s in shapes.items()})
     state = jax.jit(tx.init)(params)
-    step = make_step(tx)
+    step = make_step(tx, takes_value)
     t0 = time.perf_counter()
-    compiled = step.lower(params, state, grads).compile()
+    compiled = step.lower(params, state, grads, value).compile()
     compile_s[name] = time.perf_counter() - t0
-    params, state = compiled(params, state, grads)  # warm up
+    params, state = compiled(params, state, grads, value)  # warm up
     jax.block_until_ready(params)
     runs[name] = [compiled, params, state]
 
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         compiled, params, state = runs[name]
         t0 = time.perf_counter()
         for _ in range(args.iters):
-          params, state = compiled(params, state, grads)
+          params, state = compiled(params, state, grads, value)
         jax.block_until_ready(params)
         per_step[name].append((time.perf_counter() - t0) / args.iters)
         runs[name][1:] = [params, state]
