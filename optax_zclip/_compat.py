@@ -11,6 +11,8 @@ them compares version numbers, they test for the API itself.
   releases. It checks what it relies on and raises `ReplayUnsupported`,
   naming the cause, on anything it does not know, so that `skip_spikes`
   falls back to a plain (correct, costlier) select instead of failing.
+* `optimization_barrier`, which not every release can trace under every
+  transformation.
 * The mesh helpers the multi-device tests and examples use: `shard_map`
   and `set_mesh`, which moved and were renamed between releases.
 """
@@ -142,6 +144,22 @@ def replay_jaxpr(closed: Any, args: Sequence[Any],
 
 
 # --- Meshes: for the multi-device tests and the examples. ---
+
+def optimization_barrier(x: Any) -> Any:
+  """``jax.lax.optimization_barrier(x)``, or ``x`` itself where the
+  transformation being traced has no rule for the barrier.
+
+  jax 0.4.36 has no batching rule for it (``jax.vmap`` raises
+  ``NotImplementedError`` when the barrier is traced); jax 0.10.2 has one.
+  The barrier changes no value, only what XLA may fuse, so leaving it out
+  there changes no result: under ``jax.vmap`` on such a release, XLA may
+  again merge the norms' square with the update's.
+  """
+  try:
+    return jax.lax.optimization_barrier(x)
+  except NotImplementedError:
+    return x
+
 
 def shard_map(f: Callable, *, mesh: Any, in_specs: Any, out_specs: Any,
               check_vma: bool = True) -> Callable:
