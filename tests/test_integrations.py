@@ -65,6 +65,22 @@ def _gradient_sized(tree):
           if isinstance(a, jax.Array) and a.ndim]
 
 
+def _run_donated(step, carry):
+  """Runs ``step(carry, *_batch(t))`` for every step, checking each time
+  that the old gradient-sized buffers were donated. ``step`` returns the new
+  carry, the loss, the gradients and `stats`. Returns the carry and the
+  logged stats, gradients and losses."""
+  logged, grads_seq, losses = [], [], []
+  for t in range(STEPS):
+    old = _gradient_sized(carry)
+    carry, loss, grads, s = step(carry, *_batch(t))
+    assert all(a.is_deleted() for a in old)  # donated
+    logged.append(s)
+    grads_seq.append(grads)
+    losses.append(float(loss))
+  return carry, logged, grads_seq, losses
+
+
 def _zclip_tx():
   return optax.chain(optax_zclip.zclip(warmup_steps=WARMUP),
                      optax.adamw(1e-2))
@@ -159,14 +175,7 @@ def _linen_run(state_cls, tx, pass_loss):
       state = state.apply_gradients(grads=grads)
     return state, loss, grads, optax_zclip.stats(state.opt_state)
 
-  logged, grads_seq, losses = [], [], []
-  for t in range(STEPS):
-    old = _gradient_sized(state)
-    state, loss, grads, s = train_step(state, *_batch(t))
-    assert all(a.is_deleted() for a in old)  # donated
-    logged.append(s)
-    grads_seq.append(grads)
-    losses.append(float(loss))
+  state, logged, grads_seq, losses = _run_donated(train_step, state)
   return params, state, logged, grads_seq, losses
 
 
@@ -227,15 +236,12 @@ def _eqx_run(tx):
     model = eqx.apply_updates(model, updates)
     return model, opt_state, loss, grads, optax_zclip.stats(opt_state)
 
-  logged, grads_seq, losses = [], [], []
-  for t in range(STEPS):
-    old = _gradient_sized((model, opt_state))
-    model, opt_state, loss, grads, s = train_step(model, opt_state,
-                                                  *_batch(t))
-    assert all(a.is_deleted() for a in old)  # donated
-    logged.append(s)
-    grads_seq.append(grads)
-    losses.append(float(loss))
+  def step(carry, *batch):
+    model, opt_state, loss, grads, s = train_step(*carry, *batch)
+    return (model, opt_state), loss, grads, s
+
+  (model, _), logged, grads_seq, losses = _run_donated(
+      step, (model, opt_state))
   return params0, model, logged, grads_seq, losses
 
 
