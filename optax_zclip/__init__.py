@@ -11,12 +11,15 @@ meant to prevent. `skip_spikes` wraps a whole optimizer and skips the steps
 whose loss or gradient norm is an extreme outlier (OLMo-core's rule).
 `replay` runs them over the norms of a run already logged (also a command,
 ``optax-zclip replay LOG``), to see what each would have clipped.
+`migrate_state` brings a state restored from an older release's checkpoint
+to today's layout.
 """
 
 from optax_zclip._adagc import AdaGCState, adagc
 from optax_zclip._autoclip import AutoClipState, autoclip
 from optax_zclip._clip import ClipByGlobalNormState, clip_by_global_norm
 from optax_zclip._metrics import count_spikes, spike_mask, spike_score
+from optax_zclip._migrate import migrate_state
 from optax_zclip._replay import replay
 from optax_zclip._skip import (
     SkipSpikesFallbackWarning,
@@ -40,6 +43,7 @@ __all__ = [
     "clip_by_global_norm",
     "count_spikes",
     "loggable_state",
+    "migrate_state",
     "replay",
     "skip_spikes",
     "spike_mask",

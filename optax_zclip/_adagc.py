@@ -16,7 +16,7 @@ from optax_zclip._stats import loggable_state
 @loggable_state(
     "adagc",
     fields=("count", "grad_norm", "clipped_norm", "num_clipped",
-            "nonfinite_count"))
+            "nonfinite_count", "capped", "cap_count"))
 class AdaGCState(NamedTuple):
   """State of `adagc`: one reference norm per tensor, plus telemetry.
 
@@ -40,6 +40,13 @@ class AdaGCState(NamedTuple):
       step.
     nonfinite_count: int32 scalar, cumulative number of steps whose global
       norm was NaN or Inf; they leave ``count`` and ``gamma`` untouched.
+    capped: int32 scalar, 1 if the cap ``max_grad_norm`` clipped the last
+      step, else 0. The cap acts in warm-up only (a global-norm clip of the
+      whole update), so ``capped`` is 1 on a warm-up step whose finite
+      global norm is above the cap, and 0 afterwards, when every clip is
+      the per-tensor rule's (``num_clipped``). Always 0 when
+      ``max_grad_norm`` is None.
+    cap_count: int32 scalar, cumulative number of steps the cap clipped.
 
   References:
     Wang et al., `AdaGC: Improving Training Stability for Large Language
@@ -52,6 +59,8 @@ class AdaGCState(NamedTuple):
   clipped_norm: jax.Array
   num_clipped: jax.Array
   nonfinite_count: jax.Array
+  capped: jax.Array
+  cap_count: jax.Array
 
 
 @_validation.keyword_only
@@ -185,7 +194,8 @@ def adagc(
         count=scalar(0, i32),
         gamma=jax.tree.map(lambda _: scalar(jnp.inf), params),
         grad_norm=scalar(0.0), clipped_norm=scalar(0.0),
-        num_clipped=scalar(0, i32), nonfinite_count=scalar(0, i32))
+        num_clipped=scalar(0, i32), nonfinite_count=scalar(0, i32),
+        capped=scalar(0, i32), cap_count=scalar(0, i32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -258,6 +268,8 @@ def adagc(
       num_clipped = jnp.sum(clipped, dtype=jnp.int32)
     else:
       clipped_norm, num_clipped = g, jnp.zeros([], jnp.int32)
+    # f < 1 only on a finite step above the cap (f is 1 otherwise).
+    by_cap = warm & (f < 1) & (g > 0)
     new_state = AdaGCState(
         count=_numerics.increment_where(finite_g, state.count),
         gamma=treedef.unflatten(new_gammas),
@@ -266,6 +278,8 @@ def adagc(
         num_clipped=num_clipped,
         nonfinite_count=_numerics.increment_where(~finite_g,
                                                 state.nonfinite_count),
+        capped=by_cap.astype(jnp.int32),
+        cap_count=_numerics.increment_where(by_cap, state.cap_count),
     )
     return out, new_state
 

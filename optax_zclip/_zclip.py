@@ -19,13 +19,15 @@ CLIP_OPTIONS = ("adaptive_scaling", "mean", "max")
 @loggable_state(
     "zclip",
     fields=("count", "mean", "var", "grad_norm", "clipped_norm", "z_score",
-            "threshold", "spike_count", "nonfinite_count", "restart_count"),
+            "threshold", "spike_count", "nonfinite_count", "restart_count",
+            "capped", "cap_count"),
     derived={"std": lambda s: jnp.sqrt(s["var"])})
 class ZClipState(NamedTuple):
   """State of `zclip`: the norm statistics plus telemetry of the last step.
 
   Every field is a scalar. The field names are public API: `optax_zclip.stats`
-  reports all of them, plus ``std = sqrt(var)``, as ``zclip/<field>``.
+  reports all of them but ``consecutive_spikes``, plus ``std = sqrt(var)``,
+  as ``zclip/<field>``.
 
   Attributes:
     count: int32, number of steps whose global norm was finite, i.e. the
@@ -58,6 +60,16 @@ class ZClipState(NamedTuple):
     restart_count: int32, cumulative number of times the statistics
       restarted their warm-up after ``max_consecutive_spikes`` spikes in a
       row (always 0 when it is None).
+    capped: int32, 1 if the last step was clipped by the cap
+      ``max_grad_norm`` rather than by the z-score rule, else 0: its norm
+      was finite and above the cap, and the cap was below the limit the
+      rule set (the clip value on a spike, the norm itself otherwise). In
+      warm-up only the cap clips. Always 0 when ``max_grad_norm`` is None.
+    cap_count: int32, cumulative number of steps clipped by the cap (the
+      steps with ``capped == 1``). The steps the z-score rule clipped are
+      the spikes the cap did not override: on a run whose norms sit above
+      ``max_grad_norm``, ``cap_count`` grows every step and ``spike_count``
+      barely moves.
 
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
@@ -75,6 +87,8 @@ class ZClipState(NamedTuple):
   nonfinite_count: jax.Array
   consecutive_spikes: jax.Array
   restart_count: jax.Array
+  capped: jax.Array
+  cap_count: jax.Array
 
 
 def _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor):
@@ -120,6 +134,14 @@ def zclip(
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
   r"""ZClip: clips the global gradient norm when it is a z-score outlier.
+
+  One number is not adaptive: the cap ``max_grad_norm`` (1.0 by default, the
+  authors' default) clips every step whose norm is above it, spike or not.
+  On a run whose norms sit above the cap, the cap clips every step and the
+  z-score rule none; `optax_zclip.stats` says which rule clipped a step
+  (``zclip/capped``, ``zclip/cap_count``). There, pass
+  ``max_grad_norm=None`` (or a value several times the usual norm) to let
+  the adaptive rule decide.
 
   ZClip keeps an exponential moving average (EMA) of the global gradient norm
   ``g`` and of its variance. After a warm-up of ``warmup_steps`` steps, which
@@ -167,10 +189,9 @@ def zclip(
       (alone during warm-up), or None or inf for no cap. > 0. The default,
       1.0, is the authors': it clips every step whose norm is above 1.0,
       spike or not, so on a run whose usual norm is near or above 1 the
-      cap does all the clipping and the z-score none (a clipped step with
-      ``z_score <= z_thresh`` in `optax_zclip.stats` was clipped by the
-      cap). Keep it where the usual norm is well below 1; else pass None
-      or a value several times the usual norm.
+      cap does all the clipping and the z-score none (``zclip/capped`` is 1
+      on each such step). Keep it where the usual norm is well below 1;
+      else pass None or a value several times the usual norm.
     eps: added to ``std`` in the z-score and to ``g`` in the clip factor;
       finite and >= 0.
     warmup_steps: number of steps with a finite norm that seed the
@@ -250,7 +271,8 @@ def zclip(
         grad_norm=scalar(0.0), clipped_norm=scalar(0.0), z_score=scalar(0.0),
         threshold=scalar(jnp.inf if max_grad_norm is None else max_grad_norm),
         spike_count=scalar(0, i32), nonfinite_count=scalar(0, i32),
-        consecutive_spikes=scalar(0, i32), restart_count=scalar(0, i32))
+        consecutive_spikes=scalar(0, i32), restart_count=scalar(0, i32),
+        capped=scalar(0, i32), cap_count=scalar(0, i32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -286,12 +308,17 @@ def zclip(
     # `c` overflow with clip_factor > 1.
     c = jnp.minimum(c, _numerics.F32_MAX)
 
-    limit = jnp.where(is_spike, c, g)
+    # The limit the z-score rule sets, then the cap over it. The cap decided
+    # a step when it is below the rule's limit and the norm is above it.
+    rule_limit = jnp.where(is_spike, c, g)
+    limit = rule_limit
     threshold = jnp.where(warm, jnp.inf, bound)
+    by_cap = jnp.zeros([], bool)
     if max_grad_norm is not None:
       cap = _numerics.as_f32(max_grad_norm)
-      limit = jnp.minimum(limit, cap)
+      limit = jnp.minimum(rule_limit, cap)
       threshold = jnp.minimum(threshold, cap)
+      by_cap = finite & (g > cap) & (cap < rule_limit)
     scale = _numerics.clip_scale(g, limit, e)
     updates = _numerics.scale_tree(updates, scale)
 
@@ -346,6 +373,8 @@ def zclip(
                                                 state.nonfinite_count),
         consecutive_spikes=in_a_row.astype(jnp.int32),
         restart_count=_numerics.increment_where(restart, state.restart_count),
+        capped=by_cap.astype(jnp.int32),
+        cap_count=_numerics.increment_where(by_cap, state.cap_count),
     )
     return updates, new_state
 

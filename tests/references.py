@@ -65,12 +65,22 @@ class ZClipRef:
   nonfinite: int = 0
   in_a_row: int = 0
   restarts: int = 0
+  cap_count: int = 0  # steps the cap clipped, as the package's telemetry says
+
+  def _by_cap(self, g: float, rule_limit: float) -> bool:
+    """Whether the cap, not the z-score rule, clipped a finite norm ``g``:
+    above the cap, with the cap below the limit the rule set."""
+    capped = (self.max_grad_norm is not None and g > self.max_grad_norm
+              and self.max_grad_norm < rule_limit)
+    self.cap_count += capped
+    return capped
 
   def step(self, g: float) -> dict:
     """Feeds one global norm; returns the scale applied and the decision."""
     if not math.isfinite(g):
       self.nonfinite += 1
-      return dict(scale=1.0, spike=False, warmup=not self.initialized)
+      return dict(scale=1.0, spike=False, warmup=not self.initialized,
+                  capped=False)
 
     if not self.initialized:
       self.buffer.append(g)
@@ -84,7 +94,8 @@ class ZClipRef:
       if self.max_grad_norm is not None:
         # torch.nn.utils.clip_grad_norm_: coefficient clamped at 1.
         scale = min(1.0, self.max_grad_norm / (g + self.eps))
-      return dict(scale=scale, spike=False, warmup=True)
+      return dict(scale=scale, spike=False, warmup=True,
+                  capped=self._by_cap(g, g))
 
     std = math.sqrt(self.var)
     z = (g - self.mean) / (std + self.eps)
@@ -102,6 +113,7 @@ class ZClipRef:
         clip_val = self.mean + self.z_thresh * std
 
     limit = g if clip_val is None else clip_val
+    capped = self._by_cap(g, limit)
     if self.max_grad_norm is not None:
       limit = min(limit, self.max_grad_norm)
     scale = limit / (g + self.eps) if g > limit else 1.0
@@ -120,7 +132,8 @@ class ZClipRef:
       self.mean = self.var = 0.0
       self.in_a_row = 0
       self.restarts += 1
-    return dict(scale=scale, spike=spike, warmup=False, z=z, limit=limit)
+    return dict(scale=scale, spike=spike, warmup=False, z=z, limit=limit,
+                capped=capped)
 
   def running_stats(self) -> tuple[float, float]:
     """(mean, var) as the package reports them, warm-up included."""
@@ -182,6 +195,8 @@ class AdaGCRef:
   steps: int = 0  # finite steps taken
   nonfinite: int = 0
   clipped: list = field(default_factory=list)
+  capped: bool = False  # whether the cap clipped the last step (warm-up)
+  cap_count: int = 0
 
   def _after_warmup(self, i: int, n: float) -> tuple[float, float, bool]:
     """(factor, new reference, clipped?) of tensor i after warm-up."""
@@ -200,6 +215,7 @@ class AdaGCRef:
     if self.gamma is None:
       self.gamma = [math.inf] * len(norms)
     warm = self.steps + 1 <= self.warmup_steps  # this step's number
+    self.capped = False
     if not math.isfinite(total):
       self.nonfinite += 1
       factors = [1.0] * len(norms)
@@ -217,6 +233,8 @@ class AdaGCRef:
         if c < 1.0:
           coeff = c
       self.clipped = [coeff < 1.0 and n > 0 for n in norms]
+      self.capped = coeff < 1.0 and total > 0
+      self.cap_count += self.capped
       for i, n in enumerate(norms):
         if n == 0:
           continue

@@ -125,6 +125,8 @@ def run_against_reference(seq, cfg, *, tx=None, state=None):
                                  rtol=1e-5, err_msg=f"step {t} gamma {k}")
       assert state.gamma[k].dtype == jnp.float32
     assert int(state.num_clipped) == sum(ref.clipped), t
+    assert int(state.capped) == ref.capped, t
+    assert int(state.cap_count) == ref.cap_count, t
     assert int(state.count) == ref.steps, t
     assert int(state.nonfinite_count) == ref.nonfinite, t
     np.testing.assert_allclose(float(state.grad_norm), tree_norm64(leaves64),

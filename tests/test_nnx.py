@@ -234,7 +234,7 @@ def test_stats_of_adagc_and_autoclip_in_an_nnx_optimizer():
     x = rng.standard_normal((16, 4)).astype(np.float32)
     grads, s = train_step(model, optimizer, x, np.zeros((16, 1), np.float32))
   adagc_keys = {"count", "grad_norm", "clipped_norm", "num_clipped",
-                "nonfinite_count"}
+                "nonfinite_count", "capped", "cap_count"}
   autoclip_keys = {"count", "grad_norm", "clipped_norm", "threshold",
                    "nonfinite_count"}
   assert set(s) == ({"adagc/" + k for k in adagc_keys}

@@ -15,7 +15,7 @@ import optax_zclip
 KEYS = {"zclip/count", "zclip/mean", "zclip/var", "zclip/std",
         "zclip/grad_norm", "zclip/clipped_norm", "zclip/z_score",
         "zclip/threshold", "zclip/spike_count", "zclip/nonfinite_count",
-        "zclip/restart_count"}
+        "zclip/restart_count", "zclip/capped", "zclip/cap_count"}
 
 
 def _check_against_reference(s, ref, grads, scale):
@@ -30,7 +30,8 @@ def _check_against_reference(s, ref, grads, scale):
   assert int(s["zclip/spike_count"]) == ref.spikes
   for k, v in s.items():
     assert v.shape == (), k
-    assert v.dtype == (jnp.int32 if k.endswith("count") else jnp.float32), k
+    assert v.dtype == (jnp.int32 if k.endswith(("count", "capped"))
+                       else jnp.float32), k
 
 
 def _wrappers():
@@ -147,7 +148,8 @@ def _max_abs():
 _KEYS = {
     "zclip": KEYS,
     "adagc": {"adagc/count", "adagc/grad_norm", "adagc/clipped_norm",
-              "adagc/num_clipped", "adagc/nonfinite_count"},
+              "adagc/num_clipped", "adagc/nonfinite_count", "adagc/capped",
+              "adagc/cap_count"},
     "autoclip": {"autoclip/count", "autoclip/grad_norm",
                  "autoclip/clipped_norm", "autoclip/threshold",
                  "autoclip/nonfinite_count"},

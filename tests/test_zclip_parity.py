@@ -40,6 +40,7 @@ def run_both(cfg, seq):
   for grads in seq:
     out, state = update(grads, state)
     r = ref.step(tree_norm64(grads.values()))
+    r["cap_count"] = ref.cap_count
     rows.append((grads, out, state, r, ref.running_stats(), ref.spikes))
   return rows
 
@@ -58,6 +59,10 @@ def test_matches_reference_step_by_step(cfg):
     assert abs(float(state.mean) - mean) <= 1e-4 * abs(mean), (t, mean)
     assert abs(float(state.var) - var) <= 1e-3 * var + 1e-9, (t, var)
     assert int(state.spike_count) == spikes, t
+    # Which rule clipped: the cap, or the z-score rule (a spike it did not
+    # override).
+    assert int(state.capped) == r["capped"], (t, r)
+    assert int(state.cap_count) == r["cap_count"], t
     assert int(state.count) == t + 1
     assert state.mean.dtype == jnp.float32 and state.var.dtype == jnp.float32
 
