@@ -31,23 +31,39 @@ def _show(path: _Path) -> str:
   return "/".join(path) or "(the root)"
 
 
-def _fillable(template: Any) -> dict[_Path, tuple[str, _Path]]:
-  """The paths of the leaves of this package's states in ``template`` (as
+def _children(node: Any) -> list[tuple[str, Any]]:
+  """A node's children with their keys, one level down. Mappings are walked
+  by their items, since `nnx.state`'s mappings flatten to their leaves in
+  one go and would hide the states inside them."""
+  if isinstance(node, Mapping):
+    return [(str(k), v) for k, v in node.items()]
+  if isinstance(node, (list, tuple)):
+    fields = getattr(node, "_fields", None)
+    return list(zip(fields or map(str, range(len(node))), node, strict=True))
+  flat = jax.tree_util.tree_flatten_with_path(
+      node, is_leaf=lambda n: n is not node)[0]
+  return [(_key(p[0]), v) for p, v in flat if p]
+
+
+def _fillable(node: Any, base: _Path = ()
+              ) -> dict[_Path, tuple[str, _Path]]:
+  """The paths of the leaves of this package's states in ``node`` (as
   NamedTuples, or as the mappings ``nnx.state`` makes of them): path ->
   (the state's class name, the path of the state itself)."""
-  found = {}
-  nodes = jax.tree_util.tree_flatten_with_path(
-      template, is_leaf=lambda n: _declared_class(n) is not None)[0]
-  for path, node in nodes:
-    cls = _declared_class(node)
-    if cls is None:
-      continue
-    base = _path(path)
+  cls = _declared_class(node)
+  if cls is not None:
+    found = {}
     for field in cls._fields:
       value = node[field] if isinstance(node, Mapping) else getattr(node,
                                                                     field)
       for p, _ in jax.tree_util.tree_flatten_with_path(value)[0]:
         found[(*base, field, *_path(p))] = (cls.__name__, base)
+    return found
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(node)):
+    return {}
+  found = {}
+  for key, child in _children(node):
+    found.update(_fillable(child, (*base, key)))
   return found
 
 
@@ -134,11 +150,11 @@ def migrate_state(restored: Any, template: Any) -> Any:
   if missing:
     shown = ", ".join(_show(p) for p in missing[:3])
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-    raise ValueError(f"migrate_state: the checkpoint has no {shown}{more}, "
-                     "which `template` holds and no release of this package "
-                     "added: `template` must be a state of the optimizer "
-                     "that wrote the checkpoint (the same chain, the same "
-                     "params)")
+    raise ValueError(f"migrate_state: the checkpoint has no {shown}{more}: "
+                     "`template` must be a state of the optimizer that "
+                     "wrote the checkpoint (the same chain, the same "
+                     "params); only fields a release of optax_zclip added "
+                     "to its states may be missing")
   if given:
     shown = ", ".join(_show(p) for p in list(given)[:3])
     more = f" and {len(given) - 3} more" if len(given) > 3 else ""
