@@ -133,14 +133,19 @@ def run(args: argparse.Namespace) -> int:
 
   n = len(log.norms)
   cols = [f"norms from {log.norm_column!r}" if log.norm_column else None,
-          f"losses from {log.loss_column!r}" if log.losses else None,
+          f"losses from {log.loss_column!r}" if log.losses else
+          None if log.loss_column else
+          "no loss column found (skip's loss test is off)",
           f"steps from {log.step_column!r}" if log.step_column else
           "no step column: rows numbered from 0"]
   print(_fill(f"Replayed {_count(n, 'step')} ({log.steps[0]} to "
               f"{log.steps[-1]}) of "
               f"{args.log} ({log.fmt}): {', '.join(c for c in cols if c)}."))
   if log.left_out:
-    if log.fmt == TEXT_LOG:
+    if log.fmt == TEXT_LOG and log.numbered:
+      print(_fill(f"Left out {_count(log.left_out, 'line')} without a norm "
+                  "(progress bars, evaluation and summary lines, warnings)."))
+    elif log.fmt == TEXT_LOG:
       print(_fill(f"Left out {_count(log.left_out, 'line')} without a step "
                   "and a norm (evaluation lines, banners)."))
     else:

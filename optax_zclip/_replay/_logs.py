@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from optax_zclip._replay import _formats, _tensorboard, _textlog
+from optax_zclip._replay import _formats, _steps, _tensorboard, _textlog
 from optax_zclip._replay._formats import LogError, _Table
 
 # The norm before clipping wherever a log has it and another: MaxText's
@@ -20,15 +21,27 @@ from optax_zclip._replay._formats import LogError, _Table
 # `grad norm`, torchtitan `grad_norm`, llm.c `norm`, all before clipping.
 NORM_NAMES = ("learning/raw_grad_norm", "grad_norm", "train/grad_norm",
               "gradient_norm", "train/gradient_norm", "grad norm",
-              "skip/grad_norm", "zclip/grad_norm", "clip/grad_norm",
-              "autoclip/grad_norm", "adagc/grad_norm", "norm", "Value",
-              "learning/grad_norm")
+              "grad_2.0_norm_total", "gnorm", "skip/grad_norm",
+              "zclip/grad_norm", "clip/grad_norm", "autoclip/grad_norm",
+              "adagc/grad_norm", "norm", "Value", "learning/grad_norm")
 # Norms after clipping: the note says what that means for the replay.
 POST_CLIP = ("learning/grad_norm",)
-LOSS_NAMES = ("loss", "train/loss", "train_loss", "lm loss", "learning/loss",
+# The training loss: torchtitan's global mean (not its global_max_loss),
+# Lightning's per-step train_loss_step (not train_loss_epoch).
+LOSS_NAMES = ("loss", "train/loss", "train_loss", "train_loss_step",
+              "lm loss", "loss_metrics/global_avg_loss", "learning/loss",
               "trl")
-STEP_NAMES = ("step", "_step", "Step", "global_step", "train/global_step",
-              "trainer/global_step", "iteration", "s")
+# ms-swift's "global_step/max_steps" is "12/2353"; fairseq counts updates;
+# LLaMA-Factory's trainer_log.jsonl has current_steps.
+STEP_NAMES = ("step", "_step", "Step", "global_step", "global_step/max_steps",
+              "train/global_step", "trainer/global_step", "num_updates",
+              "iteration", "current_steps", "s")
+# A norm's column, by its end, where the log has no name above: a framework's
+# prefix ("train/", a run's name) before grad_norm, or Lightning's total of
+# grad_norm(model, 2) (its per-tensor "grad_2.0_norm/<name>" are not).
+_NORM_ENDINGS = ("grad_norm", "grad_2.0_norm_total")
+# "12/2353": step 12 of 2353.
+_OF = re.compile(r"\s*(\d+)\s*/\s*\d+\s*$")
 
 
 @dataclasses.dataclass
@@ -45,6 +58,10 @@ class _Log:
   losses: list | None  # a float or None per step
   left_out: int  # rows without a norm
   notes: list[str]
+  relogged: int = 0  # steps logged again (a restart): the last write is read
+  rank: int | None = None  # the rank read, where a launcher named ranks
+  numbered: bool = False  # no step in the log: the norms numbered from 0
+  summaries_left_out: int = 0  # summary rows or lines, not steps
 
 
 def _read_table(path: str) -> _Table:
@@ -62,9 +79,15 @@ def _read_table(path: str) -> _Table:
     raise LogError(f"{path}: {e.strerror}") from None
   if not text.strip():
     raise LogError(f"{path} is empty")
-  if _textlog.looks_like(text):
+  # JSON lines first: their lines are dicts, which a text log may hold too.
+  if not text.lstrip().startswith("{") and _textlog.looks_like(text):
     return _textlog.read(path, text)
-  return _formats.read_text(path, text)
+  try:
+    return _formats.read_text(path, text)
+  except _formats.NotJson:
+    if _textlog.looks_like(text):  # printed dicts: a trainer's console
+      return _textlog.read(path, text)
+    raise
 
 
 def _number(raw: Any, where: str, column: str) -> float | None:
@@ -86,7 +109,7 @@ def _number(raw: Any, where: str, column: str) -> float | None:
 
 def _norm_like(columns: Sequence[str]) -> list[str]:
   """The columns that could hold a gradient norm, in the file's order."""
-  return [c for c in columns if c.endswith("grad_norm") or c in NORM_NAMES]
+  return [c for c in columns if c.endswith(_NORM_ENDINGS) or c in NORM_NAMES]
 
 
 def _norm_note(chosen: str, columns: Sequence[str]) -> list[str]:
@@ -102,29 +125,41 @@ def _norm_note(chosen: str, columns: Sequence[str]) -> list[str]:
           "another"]
 
 
+def _filled(raw: Any) -> bool:
+  return raw is not None and not (isinstance(raw, str) and not raw.strip())
+
+
 def _pick(table: _Table, given: str | None, names: Sequence[str],
-          what: str, option: str, path: str) -> str | None:
-  """The column to read: the one given (checked), else a known name."""
+          what: str, option: str, path: str,
+          with_norms: Callable[[str], bool] = bool) -> str | None:
+  """The column to read: the one given (checked), else a known name; for
+  the loss and the step, the first with values on the rows that hold norms
+  (a Megatron-DeepSpeed log has DeepSpeed's own "loss" and "step" lines,
+  without a norm, beside Megatron's "lm loss" and "iteration")."""
   if given is not None:
     if given not in table.columns:
       raise LogError(f"{path} has no column {given!r} ({option}); its "
                      f"columns: {', '.join(table.columns) or '(none)'}")
     return given
-  for name in names:
-    if name in table.columns:
-      return name
-  if what == "norm":
-    ending = _norm_like(table.columns)
-    if len(ending) == 1:
-      return ending[0]
-    if ending:
-      raise LogError(f"{path}: {len(ending)} columns could be the gradient "
-                     f"norm ({', '.join(ending)}); choose one with "
-                     "--norm-column")
-    raise LogError(f"{path}: no column looks like the gradient norm; give "
-                   f"it with --norm-column (its columns: "
-                   f"{', '.join(table.columns) or '(none)'})")
-  return None
+  present = [name for name in names if name in table.columns]
+  if what != "norm":
+    for name in present:
+      if with_norms(name):
+        return name
+    # A loss column without values: the report says so. Steps: numbered.
+    return present[0] if present and what == "loss" else None
+  if present:
+    return present[0]
+  ending = _norm_like(table.columns)
+  if len(ending) == 1:
+    return ending[0]
+  if ending:
+    raise LogError(f"{path}: {len(ending)} columns could be the gradient "
+                   f"norm ({', '.join(ending)}); choose one with "
+                   "--norm-column")
+  raise LogError(f"{path}: no column looks like the gradient norm; give "
+                 f"it with --norm-column (its columns: "
+                 f"{', '.join(table.columns) or '(none)'})")
 
 
 def _matches(raw: Any, want: str) -> bool:
@@ -138,30 +173,6 @@ def _matches(raw: Any, want: str) -> bool:
     return float(raw) == float(want)
   except (TypeError, ValueError):
     return False
-
-
-def _step_notes(steps: np.ndarray, wheres: list[str]) -> list[str]:
-  n = len(steps)
-  if n < 2:
-    return []
-  d = np.diff(steps)
-  back = np.flatnonzero(d <= 0)
-  if back.size:
-    i = back[0]
-    return [f"the steps do not increase (step {steps[i + 1]} follows step "
-            f"{steps[i]} at {wheres[i + 1]}); the rows are replayed in the "
-            "order of the file"]
-  if np.all(d == 1):
-    return []
-  if np.all(d == d[0]):
-    return [f"a norm every {d[0]} steps: a subsampled series. It is replayed "
-            f"as the {n} steps it has, one after another, so a method's "
-            f"warm-up and windows span {d[0]} times as many training steps "
-            "as in a run, and the steps between are not seen"]
-  missing = int(steps[-1] - steps[0] + 1 - n)
-  return [f"the steps have gaps ({n} norms over steps {steps[0]} to "
-          f"{steps[-1]}, {missing} steps without one): they are replayed as "
-          f"the {n} steps the log has, one after another"]
 
 
 def read_log(path: str, norm_column: str | None = None,
@@ -193,10 +204,15 @@ def read_log(path: str, norm_column: str | None = None,
     raise LogError(f"{path}: no row matches --where {' '.join(where)}")
   norm_col = _pick(table, norm_column, NORM_NAMES, "norm", "--norm-column",
                    path)
+
+  def with_norms(column: str) -> bool:  # a value on a row with a norm
+    return any(_filled(row.get(column)) and _filled(row.get(norm_col))
+               for _, row in table.rows)
+
   loss_col = _pick(table, loss_column, LOSS_NAMES, "loss", "--loss-column",
-                   path)
+                   path, with_norms)
   step_col = _pick(table, step_column, STEP_NAMES, "step", "--step-column",
-                   path)
+                   path, with_norms)
   text_log = table.fmt == _textlog.TEXT_LOG
   norms, losses, steps, wheres = [], [], [], []
   for w, row in table.rows:
@@ -211,25 +227,54 @@ def read_log(path: str, norm_column: str | None = None,
     if loss_col is not None:
       losses.append(_number(row.get(loss_col), w, loss_col))
     if step_col is not None:
-      s = _number(row.get(step_col), w, step_col)
-      if s is None:
-        raise LogError(f"{w}: a norm without a step in column {step_col!r}")
-      if not float(s).is_integer():
-        raise LogError(f"{w}: column {step_col!r} holds {s!r}, not a whole "
-                       "step number")
-      steps.append(int(s))
+      steps.append(_step(row.get(step_col), w, step_col))
   left_out = len(table.rows) - len(norms)
+  relogged = set(table.rewritten.get(norm_col, ()))
+  if steps:
+    keep, again = _steps.last_writes(steps)
+    relogged |= again
+    if keep is not None:
+      norms, wheres, steps = ([x[i] for i in keep]
+                              for x in (norms, wheres, steps))
+      losses = [losses[i] for i in keep] if loss_col else losses
   log = _finish(path, table, norm_col, loss_col, step_col, norms,
                 losses if loss_col else None, steps if step_col else None,
                 wheres)
   log.left_out = left_out
+  log.rank, log.summaries_left_out = table.rank, table.summaries
+  log.relogged, log.numbered = len(relogged), step_col is None
   if norm_column is None:
     log.notes[:0] = _norm_note(norm_col, table.columns)
   if norm_col in POST_CLIP:
     log.notes.insert(0, f"column {norm_col!r} is the norm after clipping: a "
                      "clipping rule replayed on it cannot see what the run's "
                      "clipping took away, so steps it clipped look ordinary")
+  log.notes += table.notes
+  if relogged:
+    log.notes.append(_steps.relogged_note(relogged, int(log.steps[0])))
+  if log.numbered and text_log:  # a table says so in its first line
+    n = len(log.norms)
+    log.notes.append(
+        f"the lines give no step: the {n} norms are numbered 0 to {n - 1} in "
+        "the order of the file (a trainer that logs every k steps gives a "
+        "norm per k steps; steps a restart logs again cannot be told apart, "
+        "and are replayed twice)")
   return log
+
+
+def _step(raw: Any, where: str, column: str) -> int:
+  """A row's step: a whole number, or n of "n/N"."""
+  if isinstance(raw, str):
+    m = _OF.match(raw)
+    if m:
+      return int(m.group(1))
+  s = _number(raw, where, column)
+  if s is None:
+    raise LogError(f"{where}: a norm without a step in column {column!r}")
+  if not float(s).is_integer():
+    raise LogError(f"{where}: column {column!r} holds {s!r}, not a whole "
+                   "step number")
+  return int(s)
 
 
 def _finish(path, table, norm_col, loss_col, step_col, norms, losses, steps,
@@ -248,7 +293,7 @@ def _finish(path, table, norm_col, loss_col, step_col, norms, losses, steps,
     step = np.arange(len(g))
   else:
     step = np.array(steps, np.int64)
-    notes += _step_notes(step, [w for _, w in kept])
+    notes += _steps.step_notes(step)
   if losses is not None and all(v is None for v in losses):
     losses = None
   return _Log(table.fmt, table.columns, norm_col, loss_col, step_col, step,

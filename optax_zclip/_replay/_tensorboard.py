@@ -63,12 +63,20 @@ def read(path: str) -> _Table:
     events += list(event_file_loader.EventFileLoader(name).Load())
   by_step: dict[int, dict[str, float]] = {}
   tags: dict[str, None] = {}
+  # Per tag, the steps written again: the report counts them as the other
+  # readers count the steps a log repeats.
+  rewritten: dict[str, set[int]] = {}
   for event in sorted(events, key=lambda e: e.wall_time):
     for value in event.summary.value:
       x = _scalar(value, tensor_util)
       if x is not None:
-        by_step.setdefault(int(event.step), {})[value.tag] = x
+        values = by_step.setdefault(int(event.step), {})
+        if value.tag in values:
+          rewritten.setdefault(value.tag, set()).add(int(event.step))
+        values[value.tag] = x
         tags[value.tag] = None
   rows = [(f"{path} step {step}", {"step": step, **values})
           for step, values in sorted(by_step.items())]
-  return _Table(TENSORBOARD, ["step", *tags], rows)
+  table = _Table(TENSORBOARD, ["step", *tags], rows)
+  table.rewritten = rewritten
+  return table
