@@ -58,20 +58,22 @@ def result():
 
 
 def _zclip_reference(g, **kwargs):
-  """(threshold, out_norm, clipped) per step, from the float64 model."""
+  """(threshold, out_norm, clipped, capped) per step, from the float64
+  model."""
   ref = ZClipRef(**kwargs)
   cap = math.inf if ref.max_grad_norm is None else ref.max_grad_norm
-  thr, out, clipped = [], [], []
+  thr, out, clipped, capped = [], [], [], []
   for x in g:
     if ref.initialized:
       thr.append(min(ref.mean + ref.z_thresh * (math.sqrt(ref.var) + ref.eps),
                      cap))
     else:
       thr.append(cap)
-    scale = ref.step(float(x))["scale"]
-    out.append(x * scale)
-    clipped.append(scale < 1.0)
-  return np.array(thr), np.array(out), np.array(clipped)
+    decision = ref.step(float(x))
+    out.append(x * decision["scale"])
+    clipped.append(decision["scale"] < 1.0)
+    capped.append(decision["capped"])
+  return np.array(thr), np.array(out), np.array(clipped), np.array(capped)
 
 
 def test_zclip_and_its_sweep_match_the_float64_reference(result):
@@ -79,10 +81,11 @@ def test_zclip_and_its_sweep_match_the_float64_reference(result):
   np.testing.assert_array_equal(result["step"], np.arange(N))
   np.testing.assert_array_equal(result["grad_norm"], G)
   for name, z in ZCLIPS.items():
-    thr, out, clipped = _zclip_reference(G, z_thresh=z)
+    thr, out, clipped, capped = _zclip_reference(G, z_thresh=z)
     np.testing.assert_allclose(result[f"{name}/threshold"], thr, rtol=1e-4)
     np.testing.assert_allclose(result[f"{name}/out_norm"], out, rtol=1e-4)
     np.testing.assert_array_equal(result[f"{name}/clipped"], clipped)
+    np.testing.assert_array_equal(result[f"{name}/capped"], capped)
     assert f"{name}/skipped" not in result
     # Every spike after the warm-up is clipped; the non-finite steps pass.
     assert all(result[f"{name}/clipped"][s] for s in SPIKES)

@@ -25,6 +25,7 @@ from test_replay import (
 
 import optax_zclip
 from optax_zclip import _cli
+from optax_zclip._replay import _report
 
 
 def test_cli_on_a_wandb_csv(tmp_path, capsys):
@@ -41,15 +42,17 @@ def test_cli_on_a_wandb_csv(tmp_path, capsys):
   assert list(rows[0]) == [
       "step", "grad_norm", "zclip/threshold", "zclip/out_norm",
       "zclip/clipped", "clip@1/threshold", "clip@1/out_norm",
-      "clip@1/clipped"]
+      "clip@1/clipped", "zclip/capped", "clip@1/capped"]
   assert len(rows) == N  # one per logged norm; the evaluation rows are not
   assert [int(r["step"]) for r in rows] == list(range(0, 2 * N, 2))
   np.testing.assert_array_equal([float(r["grad_norm"]) for r in rows], G)
-  _, ref_out, ref_clipped = _zclip_reference(G)
+  _, ref_out, ref_clipped, ref_capped = _zclip_reference(G)
   np.testing.assert_allclose([float(r["zclip/out_norm"]) for r in rows],
                              ref_out, rtol=1e-4)
   assert [r["zclip/clipped"] for r in rows] == [
       "1" if c else "0" for c in ref_clipped]
+  assert [r["zclip/capped"] for r in rows] == [
+      "1" if c else "0" for c in ref_capped]
   with np.errstate(invalid="ignore"):
     np.testing.assert_allclose(
         [float(r["clip@1/out_norm"]) for r in rows],
@@ -155,8 +158,9 @@ def test_the_console_script_and_python_m_write_the_same_report(tmp_path):
   assert reports["script"] == reports["module"]
   # min(g, 1), by hand.
   assert reports["script"][1].decode().splitlines() == [
-      "step,grad_norm,clip@1/threshold,clip@1/out_norm,clip@1/clipped",
-      "0,0.5,1.0,0.5,0", "1,0.6,1.0,0.6,0", "2,4.0,1.0,1.0,1"]
+      "step,grad_norm,clip@1/threshold,clip@1/out_norm,clip@1/clipped,"
+      "clip@1/capped",
+      "0,0.5,1.0,0.5,0,0", "1,0.6,1.0,0.6,0,0", "2,4.0,1.0,1.0,1,1"]
 
 
 def test_help_lists_the_replay_subcommand(capsys):
@@ -177,3 +181,47 @@ def test_replay_is_a_plain_function_and_no_module_is_named_like_it():
   assert inspect.isfunction(optax_zclip.replay)
   out = optax_zclip.replay(G, LOSSES, METHODS)
   assert list(out)[:2] == ["step", "grad_norm"] and len(out["step"]) == N
+
+
+def _cap_run(tmp_path, capsys, norms, methods):
+  log = tmp_path / "norms.txt"
+  log.write_text("".join(f"{float(g)!r}\n" for g in norms))
+  assert _cli.main(["replay", str(log), "--methods", methods, "--no-plot",
+                    "--out", str(tmp_path / "out")]) == 0
+  return " ".join(capsys.readouterr().out.split())
+
+
+def test_the_report_says_when_the_cap_made_the_clips(tmp_path, capsys):
+  # Norms about 1.85 with one spike: ZClip's default cap of 1 clips every
+  # step; the z-score rule, with the cap off, clips the spike alone.
+  rng = np.random.default_rng(0)
+  norms = 1.85 + 0.15 * rng.standard_normal(200)
+  norms[150] = 30.0
+  assert norms.min() > 1.0
+  text = _cap_run(tmp_path, capsys, norms,
+                  "zclip,zclip:z_thresh=3,zclip:max_grad_norm=none,clip@1")
+  for name in ("zclip", "zclip:z_thresh=3"):
+    assert (f"Note: the cap max_grad_norm=1 made 200 of {name}'s 200 clips "
+            f"(the median norm, {np.median(norms):.3g}, is above it), so its "
+            "z-score rule made 0: replay ") in text
+  assert ("replay zclip:max_grad_norm=none to see the adaptive rule alone"
+          in text)
+  assert ("replay zclip:z_thresh=3,max_grad_norm=none to see the adaptive "
+          "rule alone") in text
+  assert "zclip:max_grad_norm=none's" not in text
+  assert "clip@1's" not in text  # a fixed threshold is its cap
+  rows = {r["method"]: r for r in _report.summary_rows(
+      optax_zclip.replay(norms, methods=["zclip", "zclip:max_grad_norm=none",
+                                         "clip@1", "autoclip"]), 20)}
+  assert rows["zclip"]["capped"] == rows["clip@1"]["capped"] == 200
+  assert rows["zclip:max_grad_norm=none"]["capped"] == 0
+  assert rows["zclip:max_grad_norm=none"]["clipped"] >= 1
+  assert rows["autoclip"]["capped"] is None
+
+
+def test_no_cap_note_when_the_norms_sit_below_the_cap(tmp_path, capsys):
+  rng = np.random.default_rng(1)
+  norms = 0.3 + 0.03 * rng.standard_normal(200)
+  norms[120] = 5.0  # a spike, above the cap too: one clip of each kind
+  text = _cap_run(tmp_path, capsys, norms, "zclip")
+  assert "Note: the cap" not in text

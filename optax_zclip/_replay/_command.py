@@ -12,9 +12,14 @@ import numpy as np
 
 from optax_zclip._replay._engine import replay
 from optax_zclip._replay._logs import read_log
-from optax_zclip._replay._methods import DEFAULT_METHODS, _parse_methods
+from optax_zclip._replay._methods import (
+  DEFAULT_METHODS,
+  _parse_methods,
+  zclip_cap,
+)
 from optax_zclip._replay._report import (
   OPEN_LOOP,
+  cap_note,
   format_table,
   plot,
   summary_rows,
@@ -169,17 +174,28 @@ def run(args: argparse.Namespace) -> int:
   first, last = int(log.steps[0]), int(log.steps[-1])
   warmup = (args.warmup if args.warmup is not None
             else max(1, math.ceil(0.1 * (last - first + 1))))
-  print(format_table(summary_rows(result, first + warmup)))
+  rows = summary_rows(result, first + warmup)
+  print(format_table(rows))
   print()
   origin = ("--warmup" if args.warmup is not None
             else "the first 10% of the steps; --warmup to change")
   print(_fill(
       "clipped: steps whose norm the method lowered (count, % of the steps), "
-      "skipped ones included; cut: the norm before over the norm after, on "
+      "skipped ones included; by the cap: those of its clips a fixed cap "
+      "made (ZClip's max_grad_norm; all of clip@'s); cut: the norm before "
+      "over the norm after, on "
       "the steps clipped, not skipped; skipped: steps skip_spikes skipped, "
       "NaN and Inf ones included; in "
       "warm-up / later: steps clipped or skipped before step "
       f"{first + warmup} ({origin}) and after."))
+  finite = log.norms[np.isfinite(log.norms)]
+  for row in rows:
+    spelled = zclip_cap(row["method"])
+    note = spelled and finite.size and cap_note(
+        row, *spelled, float(np.median(finite)))
+    if note:
+      print()
+      print(_fill(f"Note: {note}."))
   os.makedirs(args.out, exist_ok=True)
   csv_path = os.path.join(args.out, "replay.csv")
   write_csv(csv_path, result)

@@ -25,6 +25,10 @@ from optax_zclip._replay._methods import (
 )
 from optax_zclip._stats import stats
 
+# The clipping states whose clips a fixed cap can make: ZClip's
+# `max_grad_norm`, and the fixed threshold itself.
+_CAPPED = ("zclip", "clip")
+
 
 @dataclasses.dataclass(frozen=True)
 class _Build:
@@ -89,11 +93,22 @@ def _record(s: dict, clipper: str | None, has_skip: bool) -> dict:
     out = s[f"{clipper}/clipped_norm"]
   else:
     threshold, out = s["skip/norm_threshold"], g
+  # Which clips a cap made: ZClip says so itself; the fixed threshold is a
+  # cap and nothing else. (Inside skip_spikes, the inner telemetry of a
+  # skipped step is the last taken step's.)
+  if clipper == "zclip":
+    capped = s["zclip/capped"] > 0
+  elif clipper == "clip":
+    capped = out < g
+  else:
+    capped = jnp.zeros([], bool)
+  capped = capped & ~skipped
   out = jnp.where(skipped, jnp.zeros([], F32), out)
   # A skipped step counts as clipped (to zero), a NaN or Inf one included,
   # whose `out < g` is False.
   return {"threshold": threshold.astype(F32), "out_norm": out.astype(F32),
-          "clipped": skipped | (out < g), "skipped": skipped}
+          "clipped": skipped | (out < g), "skipped": skipped,
+          "capped": capped}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -109,14 +124,16 @@ def _run(build, clipper, has_skip, with_loss, hparams, norms, losses,
     def body(state, x):
       g, loss, given = x
       u = jnp.reshape(g, [1])
+      # value=None: a step without a loss, whose norm alone skip_spikes
+      # tests (said, so that it does not warn of a forgotten loss).
       if with_loss == "some":
         _, state = jax.lax.cond(
             given, lambda s: tx.update(u, s, params, value=loss),
-            lambda s: tx.update(u, s, params), state)
+            lambda s: tx.update(u, s, params, value=None), state)
       elif with_loss == "all":
         _, state = tx.update(u, state, params, value=loss)
       else:
-        _, state = tx.update(u, state, params)
+        _, state = tx.update(u, state, params, value=None)
       return state, _record(stats(state), clipper, has_skip)
 
     return jax.lax.scan(body, tx.init(params), (norms, losses, has_loss))[1]
@@ -222,10 +239,13 @@ def replay(norms: Any, losses: Any = None,
     ``inf`` where there is none), ``"m/out_norm"`` (float32: the norm after
     the method, the norm times the scale it applied, 0 on a skipped step),
     ``"m/clipped"`` (bool: ``out_norm < norm``, or the step skipped, a NaN
-    or Inf one included) and, for a method that
-    skips, ``"m/skipped"`` (bool). When `skip_spikes` wraps a clipping
-    transform, the threshold is the clipping transform's (on a skipped step,
-    that of the last step taken).
+    or Inf one included), for a method that skips, ``"m/skipped"`` (bool)
+    and, after the columns of every method, for each method with a fixed
+    cap (`zclip`, `clip_by_global_norm`), ``"m/capped"`` (bool: the cap made
+    the clip, ``zclip/capped``; every clip of the fixed threshold; never a
+    skipped step). When `skip_spikes`
+    wraps a clipping transform, the threshold is the clipping transform's
+    (on a skipped step, that of the last step taken).
 
   Raises:
     ValueError: if ``norms`` is empty, not one-dimensional, or holds a
@@ -317,11 +337,17 @@ def replay(norms: Any, losses: Any = None,
                               g32, loss32, given))
     for i, (name, _) in enumerate(members):
       outputs[name] = ({k: np.asarray(v[i]) for k, v in out.items()},
-                       has_skip)
+                       has_skip, clipper in _CAPPED)
   for name, _ in items:
-    out, has_skip = outputs[name]
+    out, has_skip, _ = outputs[name]
     for field in ("threshold", "out_norm", "clipped"):
       result[f"{name}/{field}"] = out[field]
     if has_skip:
       result[f"{name}/skipped"] = out["skipped"]
+  # Last, after the columns of every method, so that a reader of the CSV by
+  # position from before these columns reads the same.
+  for name, _ in items:
+    out, _, has_cap = outputs[name]
+    if has_cap:
+      result[f"{name}/capped"] = out["capped"]
   return result

@@ -182,3 +182,21 @@ def _parse_methods(methods: Any) -> list[tuple[str, Any]]:
   if twice:
     raise ValueError(f"method {twice[0]!r} is named twice")
   return items
+
+
+def zclip_cap(name: str) -> tuple[Any, str] | None:
+  """(its cap, the spec without it) of a method named by a ZClip spec:
+  ``"zclip:z_thresh=3"`` -> ``(1.0, "zclip:z_thresh=3,max_grad_norm=none")``;
+  None for any other name."""
+  try:
+    specs = _parse_spec(name)
+  except ValueError:
+    return None
+  if len(specs) != 1 or specs[0].kind != "zclip":
+    return None
+  cap = dict(specs[0].kwargs).get("max_grad_norm",
+                                  _arguments("zclip")["max_grad_norm"])
+  head, _, args = name.partition(":")
+  kept = [a.strip() for a in args.split(",")
+          if a.strip() and a.partition("=")[0].strip() != "max_grad_norm"]
+  return cap, f"{head.strip()}:{','.join([*kept, 'max_grad_norm=none'])}"

@@ -25,7 +25,8 @@ def summary_rows(result: Mapping[str, np.ndarray], warmup_end: int
 
   ``warmup_end`` is the first step (by the result's ``"step"``) after the
   run's warm-up. The reduction of a clipped step is the norm before over
-  the norm after (skipped steps are counted apart).
+  the norm after (skipped steps are counted apart). ``capped`` is how many
+  of the clips a fixed cap made (None for a method without one).
   """
   g = np.asarray(result["grad_norm"], np.float64)
   step = np.asarray(result["step"])
@@ -41,8 +42,10 @@ def summary_rows(result: Mapping[str, np.ndarray], warmup_end: int
     with np.errstate(divide="ignore", invalid="ignore"):
       factor = g[cut] / out[cut]
     touched = clipped | skipped
+    capped = result.get(f"{m}/capped")
     rows.append({
         "method": m, "clipped": int(clipped.sum()),
+        "capped": None if capped is None else int(np.sum(capped)),
         "clipped_pct": 100.0 * clipped.mean(),
         "largest": float(factor.max()) if factor.size else None,
         "median": float(np.median(factor)) if factor.size else None,
@@ -52,14 +55,29 @@ def summary_rows(result: Mapping[str, np.ndarray], warmup_end: int
   return rows
 
 
+def cap_note(row: dict, cap: float, alone: str, median: float) -> str | None:
+  """One sentence when a ZClip method's cap made most of its clips (a run
+  whose norms sit above the cap), naming the spec without the cap; None
+  otherwise. ``median`` is the median finite norm of the log."""
+  made = row["clipped"] - (row["skipped"] or 0)
+  if row["capped"] is None or not made or 2 * row["capped"] <= made:
+    return None
+  return (f"the cap max_grad_norm={cap:g} made {row['capped']} of "
+          f"{row['method']}'s {made} clips (the median norm, {median:.3g}, "
+          f"is {'above' if median > cap else 'near'} it), so its z-score "
+          f"rule made {made - row['capped']}: replay {alone} to see the "
+          "adaptive rule alone")
+
+
 def format_table(rows: list[dict]) -> str:
   """The per-method table the command prints."""
-  head = ["method", "clipped", "largest cut", "median cut", "skipped",
-          "in warm-up", "later"]
+  head = ["method", "clipped", "by the cap", "largest cut", "median cut",
+          "skipped", "in warm-up", "later"]
   body = []
   for r in rows:
     body.append([
         r["method"], f"{r['clipped']} ({r['clipped_pct']:.1f}%)",
+        "-" if r["capped"] is None else str(r["capped"]),
         "-" if r["largest"] is None else f"{r['largest']:.2f}x",
         "-" if r["median"] is None else f"{r['median']:.2f}x",
         "-" if r["skipped"] is None else str(r["skipped"]),
