@@ -23,7 +23,9 @@ from optax_zclip._migrate import migrate_state
 from optax_zclip._replay import replay
 from optax_zclip._skip import (
     SkipSpikesFallbackWarning,
+    SkipSpikesNoLossWarning,
     SkipSpikesState,
+    init_around,
     skip_spikes,
 )
 from optax_zclip._stats import loggable_state, stats
@@ -36,12 +38,14 @@ __all__ = [
     "AutoClipState",
     "ClipByGlobalNormState",
     "SkipSpikesFallbackWarning",
+    "SkipSpikesNoLossWarning",
     "SkipSpikesState",
     "ZClipState",
     "adagc",
     "autoclip",
     "clip_by_global_norm",
     "count_spikes",
+    "init_around",
     "loggable_state",
     "migrate_state",
     "replay",

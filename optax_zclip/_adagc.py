@@ -199,6 +199,7 @@ def adagc(
 
   def update_fn(updates, state, params=None):
     del params
+    _validation.check_state("adagc", state, AdaGCState)
     leaves, treedef = jax.tree.flatten(updates)
     gammas = [x.astype(F32) for x in treedef.flatten_up_to(state.gamma)]
     lam = _numerics.as_f32(lambda_rel)

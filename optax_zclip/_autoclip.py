@@ -137,6 +137,7 @@ def autoclip(
 
   def update_fn(updates, state, params=None):
     del params
+    _validation.check_state("autoclip", state, AutoClipState)
     g = _numerics.global_norm(updates, axis_name)
     finite = jnp.isfinite(g)
     history = _numerics.write_slot(state.history, state.count % window, g,

@@ -124,6 +124,8 @@ def clip_by_global_norm(
 
   def update_fn(updates, state, params=None):
     del params
+    _validation.check_state("clip_by_global_norm", state,
+                            ClipByGlobalNormState)
     g_norm = _numerics.global_norm(updates, axis_name)
     finite = jnp.isfinite(g_norm)
     threshold = _numerics.as_f32(jnp.inf if max_norm is None else max_norm)

@@ -126,6 +126,98 @@ class SkipSpikesFallbackWarning(UserWarning):
   """
 
 
+class SkipSpikesNoLossWarning(UserWarning):
+  """`skip_spikes` was updated without ``value=``: its loss test is off.
+
+  Emitted once each time an update is traced (under `jax.jit`, once per
+  compilation; never from inside the compiled step) when
+  ``tx.update(grads, state, params)`` is called with no ``value``, as a
+  training loop that knows nothing of the loss does (Flax's
+  ``TrainState.apply_gradients``, a plain ``optimizer.update(model,
+  grads)``). The step then tests the gradient norm alone, and a loss spike
+  with an ordinary norm is taken. Pass the loss,
+  ``tx.update(grads, state, params, value=loss)``
+  (``optimizer.update(model, grads, value=loss)`` with ``nnx.Optimizer``),
+  or say that the norm test alone is meant: ``value=None`` in the call, or
+  ``skip_spikes(inner, loss_test=False)`` where the loop cannot pass
+  arguments. Either silences it.
+
+  References:
+    The Skipping guide's section on passing the loss, and the Integrations
+    guide's Flax recipes.
+  """
+
+
+_NO_LOSS = (
+    "skip_spikes: update() was called without `value=`, so only the "
+    "gradient norm is tested and a loss spike with an ordinary norm is "
+    "taken. Pass the step's loss: tx.update(grads, state, params, "
+    "value=loss) ({nnx}; for flax's TrainState, the Integrations guide's "
+    "apply_gradients). To test the norm alone, say so: value=None, or "
+    "skip_spikes(inner, loss_test=False) where the loop passes no "
+    "arguments.")
+
+# Where `init_around` finds how a `skip_spikes` transform builds its state
+# around a given inner state: an attribute of its `init`, so that it reads
+# the transform's own window rather than one given again.
+_AROUND = "_optax_zclip_around"
+
+
+def init_around(tx: optax.GradientTransformation,
+                inner_state: Any) -> SkipSpikesState:
+  """The state of a `skip_spikes` transform around an inner state it is given.
+
+  To add `skip_spikes` to a run resumed from a checkpoint taken without it:
+  restore the inner optimizer's state as usual (into a target from
+  ``inner.init``), then wrap it. The result is exactly what
+  ``tx.init(params)`` builds (an empty history of ``tx``'s own ``window``,
+  zero counters) but for ``inner_state``, which is used as it is, with no
+  copy, so the run continues from it::
+
+    inner = optax.chain(optax_zclip.zclip(), optax.adamw(lr))
+    restored = ckptr.restore(path, target)     # saved without skip_spikes
+    tx = optax_zclip.skip_spikes(inner, window=128)
+    opt_state = optax_zclip.init_around(tx, restored["opt_state"])
+
+  The skip rule starts with an empty history, as at the start of a run: it
+  skips nothing until it holds ``max(3, window // 2)`` steps.
+
+  Args:
+    tx: the transform built by `skip_spikes`, as it is (not inside another
+      wrapper).
+    inner_state: the state of the optimizer ``tx`` wraps, as its ``init``
+      or ``update`` returns it.
+
+  Returns:
+    A `SkipSpikesState`.
+
+  Raises:
+    TypeError: if ``tx`` was not built by `skip_spikes`, or
+      ``inner_state`` is already a `SkipSpikesState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_zclip
+    >>> inner = optax.sgd(1.0)
+    >>> params = jnp.zeros(2)
+    >>> inner_state = inner.init(params)        # restored from a checkpoint
+    >>> tx = optax_zclip.skip_spikes(inner, window=4)
+    >>> state = optax_zclip.init_around(tx, inner_state)
+    >>> state.losses.shape, int(state.size)
+    ((4,), 0)
+  """
+  around = getattr(getattr(tx, "init", None), _AROUND, None)
+  if around is None:
+    raise TypeError(
+        "init_around: `tx` must be the transform skip_spikes() returned, "
+        f"as it is; got {tx!r}.")
+  if isinstance(inner_state, SkipSpikesState):
+    raise TypeError(
+        "init_around: `inner_state` is already a SkipSpikesState; pass the "
+        "state of the optimizer skip_spikes wraps (its inner_state).")
+  return around(inner_state)
+
+
 def _gated_update(update: Any, keep: jax.Array, updates: Any,
                   state: Any) -> tuple[Any, Any]:
   """``update(updates, state)`` where ``keep``; else zeros and ``state``.
@@ -248,6 +340,7 @@ def skip_spikes(
     window: int = 128,
     sigma: jax.typing.ArrayLike = 6.0,
     axis_name: AxisName = None,
+    loss_test: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skips a whole step when its loss or gradient norm is an extreme outlier.
 
@@ -288,13 +381,20 @@ def skip_spikes(
   The loss must be passed by that keyword: an update given it by position,
   or under another name that holds ``loss`` (``loss=``, ``train_loss=``)
   without ``value``, raises a `TypeError` rather than silently testing the
-  norm alone. Without ``value`` (or with ``value=None``, which lets a
-  ``loss=`` meant for another transform through) only the norm test
-  applies; the step's norm is still recorded, and the loss test of later
+  norm alone. An update without ``value`` at all tests the norm alone and
+  warns (a `SkipSpikesNoLossWarning`, once per trace); ask for the norm
+  test alone with ``value=None`` (which also lets a ``loss=`` meant for
+  another transform through) or ``loss_test=False``, and it does so
+  silently. The step's norm is still recorded, and the loss test of later
   steps uses the losses that were given (it needs as many of them as the
-  norm test needs norms). All extra
-  arguments, ``value`` included, are passed on to ``inner`` (optax's
-  `optax.contrib.reduce_on_plateau` reads the same ``value``).
+  norm test needs norms). All extra arguments, ``value`` included, are
+  passed on to ``inner`` (optax's `optax.contrib.reduce_on_plateau` reads
+  the same ``value``).
+
+  A run resumed from a checkpoint taken without ``skip_spikes`` gets its
+  state from `init_around`, around the restored state of ``inner``; an
+  update given any state but a `SkipSpikesState` raises a `TypeError` that
+  says so.
 
   Skipping costs no memory and no pass over the parameters: the inner
   update runs on every step, but each new value of its state is selected
@@ -331,6 +431,10 @@ def skip_spikes(
       global one, ``pmean``-ed, so that every device decides alike). Leave
       None on one device, for replicated gradients and under sharded
       `jax.jit`.
+    loss_test: False tests the gradient norm alone, for a training loop
+      that passes no loss (``value=`` is then passed on to ``inner``
+      untested); True (the default) tests the loss given as ``value=`` too,
+      and warns when an update has no ``value``.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -338,12 +442,18 @@ def skip_spikes(
 
   Raises:
     ValueError: if ``inner`` is not an `optax.GradientTransformation`,
-      ``window`` not an integer >= 2 or ``sigma`` not a number > 0 (the
-      message names the argument); when the update is traced, if ``value``
-      is not a scalar.
+      ``window`` not an integer >= 2, ``sigma`` not a number > 0 or
+      ``loss_test`` not a bool (the message names the argument); when the
+      update is traced, if ``value`` is not a scalar, or the state's
+      history is not ``window`` long (another ``skip_spikes``' state).
     TypeError: when the update is traced, if it is given a positional
-      argument after ``params``, or a keyword holding ``loss`` but no
-      ``value`` (the message says how to pass the loss).
+      argument after ``params``, a keyword holding ``loss`` but no
+      ``value`` (the message says how to pass the loss), or a state that
+      is not a `SkipSpikesState` (the message points to `init_around`).
+
+  Warns:
+    SkipSpikesNoLossWarning: when the update is traced without ``value``
+      and ``loss_test`` is True.
 
   Example:
     >>> import jax.numpy as jnp
@@ -374,11 +484,12 @@ def skip_spikes(
   _validation.check_int("window", window, 2, static=True)
   _validation.check_number("sigma", sigma, lambda v: v > 0, "finite and > 0",
                            float32=True)
+  _validation.check_bool("loss_test", loss_test)
   window = int(window)
   min_history = max(2, window // 2)
   inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params):
+  def around(inner_state):
     i32, scalar = jnp.int32, _numerics.scalar
     return SkipSpikesState(
         losses=jnp.zeros([window], F32),
@@ -388,12 +499,34 @@ def skip_spikes(
         skipped=scalar(0, i32), skip_count=scalar(0, i32),
         nonfinite_count=scalar(0, i32), grad_norm=scalar(0.0),
         loss_threshold=scalar(jnp.inf), norm_threshold=scalar(jnp.inf),
-        inner_state=inner.init(params))
+        inner_state=inner_state)
+
+  def init_fn(params):
+    return around(inner.init(params))
+
+  # `init_around(tx, inner_state)` builds the same state as `init`.
+  setattr(init_fn, _AROUND, around)
 
   def update_fn(updates, state, params=None, *args, **extra_args):
     _check_loss_arguments(args, extra_args)
+    _validation.check_state(
+        "skip_spikes", state, SkipSpikesState,
+        hint="If it is the state of the optimizer skip_spikes wraps (a run "
+        "resumed from a checkpoint taken without skip_spikes), build this "
+        "one's around it: optax_zclip.init_around(tx, inner_state).")
+    held_steps = getattr(state.losses, "shape", None)
+    if held_steps != (window,):
+      raise ValueError(
+          f"skip_spikes: the state's history has shape {held_steps}, but "
+          f"this transform's window is {window}: it is the state of another "
+          "skip_spikes. Build it with this transform's init() or "
+          "optax_zclip.init_around(tx, inner_state).")
+    if "value" not in extra_args and loss_test:
+      # At trace time, so once per compilation under jit, never per step.
+      warnings.warn(_NO_LOSS.format(nnx=_NNX_CALL), SkipSpikesNoLossWarning,
+                    stacklevel=2)
     loss = extra_args.get("value")
-    given = loss is not None
+    given = loss_test and loss is not None
     if given:
       loss = _numerics.as_f32(loss)
       if loss.ndim:

@@ -203,16 +203,27 @@ def _is_optimizer_state(node: Any) -> bool:
 
 
 def _check_holds_optimizer_state(tree: Any) -> None:
-  """Raises `TypeError` for a tree with arrays but no optimizer state in
-  it: a model or its parameters, passed to `stats` by mistake."""
-  nodes = jax.tree.leaves(tree, is_leaf=_is_optimizer_state)
+  """Raises `TypeError` for a tree with leaves but no optimizer state in
+  it: a model or its parameters, None or a number, passed to `stats` by
+  mistake."""
+  # None counts as a leaf here (jax drops it), so that `stats(None)`, the
+  # value of an optimizer state not yet set, is refused like a number.
+  nodes = jax.tree.leaves(
+      tree, is_leaf=lambda x: x is None or _is_optimizer_state(x))
   if not nodes or any(_is_optimizer_state(n) for n in nodes):
     return  # An empty state (`optax.chain()`'s), or a real one.
-  what = ("a model (an nnx.Module)" if _flax_kind(tree) == "Module"
-          else f"a {type(tree).__name__} with {len(nodes)} "
-          f"{'leaf' if len(nodes) == 1 else 'leaves'}")
+  if _flax_kind(tree) == "Module":
+    what = "a model (an nnx.Module)"
+  elif tree is None:
+    what = "None"
+  elif len(nodes) == 1 and nodes[0] is tree:
+    kind = type(tree).__name__
+    what = ("an " if kind[:1] in "aeiou" else "a ") + kind
+  else:
+    what = (f"a {type(tree).__name__} with {len(nodes)} "
+            f"{'leaf' if len(nodes) == 1 else 'leaves'}")
   raise TypeError(
-      f"stats() got {what} that holds no optimizer state: no optax state "
+      f"stats() got {what}, which holds no optimizer state: no optax state "
       "(a NamedTuple such as ScaleByAdamState) and no nnx.Optimizer. Pass "
       "the optimizer state: what tx.init and tx.update return, a "
       "TrainState's opt_state, an nnx.Optimizer or nnx.state(optimizer). A "
@@ -265,11 +276,13 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
     A dict from metric name to scalar array.
 
   Raises:
-    TypeError: if ``opt_state`` holds arrays but no optimizer state at all
+    TypeError: if ``opt_state`` holds leaves but no optimizer state at all
       (no optax state, which is always a ``NamedTuple``, and no
-      ``nnx.Optimizer`` or its variables): a model or a params tree passed
-      by mistake, which would otherwise surface later as a missing key. An
-      optimizer state without a clipping transform returns ``default``.
+      ``nnx.Optimizer`` or its variables): a model or a params tree, None,
+      a number or a string passed by mistake, which would otherwise
+      surface later as a missing key. An optimizer state without a
+      clipping transform returns ``default``, and so does an empty one
+      (``optax.chain()``'s, ``()``).
 
   Example:
     >>> import jax.numpy as jnp

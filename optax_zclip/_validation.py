@@ -1,4 +1,4 @@
-"""Validation of hyperparameters when a transform is built.
+"""Validation of hyperparameters when a transform is built, and of states.
 
 Concrete values (Python and NumPy numbers, 0-d NumPy arrays, and jax arrays
 that are not tracers) are checked in full; a value that is neither a real
@@ -9,6 +9,8 @@ their rank and dtype are checked, so no host sync ever happens in a jitted
 step.
 
 No jitted computation happens here, so the host-side spike metrics use it too.
+`check_state` refuses, when an update is traced, a state that is not the
+transform's own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import functools
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -196,3 +198,114 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
   if isinstance(value, str) and value.lower() in choices:
     return value.lower()
   raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}.")
+
+
+def _kind(node: Any) -> str:
+  """A node's kind in a few words: a NamedTuple by its class name."""
+  if node is None:
+    return "None"
+  if hasattr(type(node), "_fields"):
+    return type(node).__name__
+  if hasattr(node, "shape") and hasattr(node, "dtype"):
+    return "array"
+  return type(node).__name__
+
+
+def _article(noun: str) -> str:
+  return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def _summary(node: Any) -> str:
+  """What a state is, for a message: ``a tuple of (ScaleByAdamState,
+  EmptyState)``, ``a dict with keys ['count', 'mean']``, ``None``."""
+  if node is None or hasattr(type(node), "_fields"):
+    return _kind(node) if node is None else _article(_kind(node))
+  if isinstance(node, (tuple, list)):
+    kinds = [_kind(x) for x in node[:4]] + (["..."] if len(node) > 4 else [])
+    return f"{_article(type(node).__name__)} of ({', '.join(kinds)})"
+  if isinstance(node, Mapping):
+    keys = [repr(k) for k in list(node.keys())[:6]]
+    keys += ["..."] if len(node) > 6 else []
+    return f"{_article(type(node).__name__)} with keys [{', '.join(keys)}]"
+  if hasattr(node, "shape") and hasattr(node, "dtype"):
+    return (f"an array of shape {tuple(node.shape)} and dtype "
+            f"{np.dtype(node.dtype).name}")
+  return _article(type(node).__name__)
+
+
+def _field_names(node: Any) -> tuple[str, ...] | None:
+  """The field names of a NamedTuple, or the string keys of a mapping (what
+  Orbax restores a NamedTuple as without a target); else None."""
+  if hasattr(type(node), "_fields"):
+    return tuple(type(node)._fields)
+  if isinstance(node, Mapping) and node and all(
+      isinstance(k, str) for k in node):
+    return tuple(node)
+  return None
+
+
+def _path_to(node: Any, cls: type) -> str | None:
+  """Where a ``cls`` lies inside ``node`` (``[0]``, ``.inner_state[0]``),
+  or None."""
+  found = jax.tree_util.tree_flatten_with_path(
+      node, is_leaf=lambda x: isinstance(x, cls))[0]
+  for path, leaf in found:
+    if isinstance(leaf, cls):
+      return jax.tree_util.keystr(path)
+  return None
+
+
+def check_state(name: str, state: Any, cls: type, hint: str = "") -> None:
+  """Raises `TypeError` unless ``state`` is the ``cls`` that ``name``'s
+  ``init`` builds.
+
+  Called at the top of each ``update``, so that another transform's state
+  (the chain's, AdamW's, a checkpoint's plain dicts) is refused with what
+  was expected, what came and the fix, rather than an `AttributeError` from
+  deep inside the rule. The type of a pytree node is static, so under
+  `jax.jit` this runs once per trace and costs nothing per step. A state
+  keeps its class wherever it legitimately travels: `jax.jit`, `jax.vmap`,
+  Optax's wrappers (``inject_hyperparams``, ``MultiSteps``,
+  ``apply_if_finite``, ``multi_transform``), an Orbax restore into a
+  target, and ``nnx.Optimizer``, which rebuilds it with `jax.tree.map`. A
+  class of the same name and fields (its module reloaded) passes too.
+
+  Args:
+    name: the transform's name, which starts the message.
+    state: the state ``update`` was given.
+    cls: the state's class, a NamedTuple.
+    hint: a sentence appended to the message (a fix of that transform's
+      own).
+  """
+  if isinstance(state, cls):
+    return
+  own = type(state)
+  if (getattr(own, "_fields", None) == cls._fields
+      and own.__name__ == cls.__name__):
+    return
+  want = cls.__name__
+  lines = [f"{name}: update() got {_summary(state)} as its state, not the "
+           f"{want} its init() builds."]
+  fields = _field_names(state)
+  inside = None if fields else _path_to(state, cls)
+  if fields and set(fields) <= set(cls._fields) and len(fields) > 1:
+    missing = [f for f in cls._fields if f not in fields]
+    lines.append(
+        (f"It lacks {want}'s fields {missing}: a state saved by an "
+         "older release" if missing else
+         f"It has {want}'s fields but is not one: a checkpoint restored "
+         "without a target")
+        + "; bring it to today's layout with "
+        "optax_zclip.migrate_state(restored, tx.init(params)).")
+  elif inside is not None:
+    lines.append(
+        f"It holds a {want} at state{inside}: it is the state of a chain "
+        "or wrapper around this transform; give it to that one's "
+        "update().")
+  lines.append(
+      "Pass this transform's own state, what its init() or last update() "
+      "returned (in optax.chain, the chain's whole state to the chain's "
+      "update).")
+  if hint:
+    lines.append(hint)
+  raise TypeError(" ".join(lines))

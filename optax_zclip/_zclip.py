@@ -276,6 +276,7 @@ def zclip(
 
   def update_fn(updates, state, params=None):
     del params
+    _validation.check_state("zclip", state, ZClipState)
     a = _numerics.as_f32(alpha)
     zt = _numerics.as_f32(z_thresh)
     e = _numerics.as_f32(eps)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from references import SEQ, SHAPES
-from transforms import TRANSFORMS, with_adamw
+from transforms import TRANSFORMS, no_loss, with_adamw
 
 # One leaf in bf16, to check that checkpoints keep low-precision dtypes.
 DTYPES = {"w1": jnp.float32, "b1": jnp.bfloat16, "w2": jnp.float32}
@@ -90,7 +90,7 @@ def make_step(name: str) -> Callable:
 
   @jax.jit
   def step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **no_loss(name))
     return optax.apply_updates(params, updates), opt_state
 
   return step

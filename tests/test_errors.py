@@ -19,6 +19,7 @@ import inspect
 import math
 import pathlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,8 @@ TABLE = [
     ("skip_spikes", "sigma", "finite float > 0, in float32",
      [0.0, -6.0, INF, NAN, ROUNDS_TO_INF, ROUNDS_TO_0, jnp.asarray(0.0), "6",
       None, np.array([6.0]), True]),
+    ("skip_spikes", "loss_test", "bool", ["no", None, 0, 1.0,
+                                          np.array([True])]),
     (METRICS, "losses", "1-D array-like of real numbers",
      [np.zeros((2, 3)), 3.0, [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
       [1.0, None], "loss"]),
@@ -143,11 +146,13 @@ def test_bad_value_raises_a_value_error_naming_the_argument(fn, arg, value):
 
 def test_the_table_covers_every_argument_of_every_public_function():
   # Every public function but the telemetry readers, which take any state,
-  # and replay, which takes a logged series and builds its methods with the
-  # factories above (its input errors are tested in test_replay*.py).
+  # replay, which takes a logged series and builds its methods with the
+  # factories above (its input errors are tested in test_replay*.py), and
+  # those that take states: init_around (test_skip.py) and migrate_state.
   public = {name for name in optax_zclip.__all__
             if inspect.isfunction(getattr(optax_zclip, name))} - {
-                "stats", "loggable_state", "replay"}
+                "stats", "loggable_state", "replay", "init_around",
+                "migrate_state"}
   covered = {}
   for fns, arg, _, _ in TABLE:
     for fn in (fns,) if isinstance(fns, str) else fns:
@@ -186,9 +191,10 @@ GOOD = [
     ("clip_by_global_norm", dict(max_norm=None)),
     ("clip_by_global_norm", dict(max_norm=INF)),
     ("clip_by_global_norm", dict(max_norm=np.float32(1e-30))),
-    ("skip_spikes", dict(inner=optax.identity(), window=2, sigma=1e-9)),
+    ("skip_spikes", dict(inner=optax.identity(), window=2, sigma=1e-9,
+                         loss_test=np.bool_(False))),
     ("skip_spikes", dict(inner=optax.adam(1e-3), window=np.int64(10**4),
-                         sigma=np.float32(1e9))),
+                         sigma=np.float32(1e9), loss_test=True)),
 ]
 
 
@@ -196,7 +202,8 @@ GOOD = [
 def test_edge_values_are_accepted_and_work(fn, kwargs):
   tx = getattr(optax_zclip, fn)(**kwargs)
   grads = {"w": jnp.array([3.0, 4.0])}
-  out, state = jax.jit(tx.update)(grads, tx.init(grads))
+  extra = {"value": 2.5} if fn == "skip_spikes" else {}
+  out, state = jax.jit(tx.update)(grads, tx.init(grads), **extra)
   assert bool(jnp.all(jnp.isfinite(out["w"])))
   assert float(state.grad_norm) == 5.0
 
@@ -249,17 +256,19 @@ TRANSFORMS = {"zclip": optax_zclip.zclip, "adagc": optax_zclip.adagc}
 def test_a_leaf_that_is_not_floating_point_is_refused_when_traced(
     name, dtype, dtype_name):
   tx = transforms.with_adamw(name)
+  # A wrapper's loss: an update without one warns first.
+  extra = {"value": 2.5} if name in transforms.WRAPPERS else {}
   grads = {"w": jnp.ones(3), "layer": {"steps": np.zeros((2,), dtype)}}
   state = tx.init({"w": jnp.ones(3), "layer": {"steps": jnp.zeros(2)}})
   pattern = (r"^the updates must be floating-point \(or complex\) arrays; "
              rf"the leaf at \['layer'\]\['steps'\] has dtype {dtype_name}\.")
   with pytest.raises(ValueError, match=pattern):
-    jax.jit(tx.update)(grads, state)
+    jax.jit(tx.update)(grads, state, **extra)
   with pytest.raises(ValueError, match=pattern):
-    tx.update(grads, state)
+    tx.update(grads, state, **extra)
   # A lone leaf at the root is named too.
   with pytest.raises(ValueError, match=r"the leaf at \(the root\) has dtype"):
-    tx.update(jnp.zeros(3, jnp.int32), tx.init(jnp.zeros(3)))
+    tx.update(jnp.zeros(3, jnp.int32), tx.init(jnp.zeros(3)), **extra)
 
 
 @pytest.mark.parametrize("fn", ["zclip", "adagc"])
@@ -357,50 +366,107 @@ def errors_markdown() -> str:
       "so a learning rate or a swapped number cannot land on `alpha`.",
       "`skip_spikes` reads the loss from `value=` only: a loss by",
       "position, or by another name without `value`, would leave its loss",
-      "test off, and is refused when the update is traced. `stats` of a",
-      "model or a parameter tree, which hold no optimizer state, would",
-      "return `{}` and surface later as a missing key in the logger:",
+      "test off, and is refused when the update is traced; an update with",
+      "no `value` at all tests the norm alone and warns, once per trace,",
+      "unless `value=None` or `loss_test=False` says that is meant. Each",
+      "transform's `update` refuses, when it is traced, a state that is",
+      "not the one its `init` builds (another transform's, a chain's, a",
+      "checkpoint's dicts), rather than failing inside with an",
+      "`AttributeError`; a state of an older release's layout goes",
+      "through `migrate_state`, and the inner optimizer's state, when",
+      "`skip_spikes` is added to a resumed run, through `init_around`.",
+      "`stats` of a model, a parameter tree or None, which hold no",
+      "optimizer state, would return `{}` and surface later as a missing",
+      "key in the logger:",
       "",
-      "| call | message |",
-      "|---|---|",
+      "| call | raises | message |",
+      "|---|---|---|",
   ]
-  for call, fn in MISTAKES:
-    try:
-      fn()
-    except TypeError as e:
-      message = str(e).replace("|", "\\|")
-    else:
-      raise AssertionError(f"{call} did not raise")
-    lines.append(f"| `{call}` | `` {message} `` |")
+  for call, fn, _ in MISTAKES:
+    kind, message = _outcome(fn)
+    if kind is None:
+      raise AssertionError(f"{call} neither raised nor warned")
+    message = message.replace("|", "\\|")
+    lines.append(f"| `{call}` | `{kind}` | `` {message} `` |")
   lines.append("")
   return "\n".join(lines)
 
 
-def _skip_update(**kwargs):
-  """An update of `skip_spikes(sgd)` with ``kwargs`` (positional ``args``)."""
-  tx = optax_zclip.skip_spikes(optax.sgd(1.0))
-  g = jnp.ones(2)
-  return tx.update(g, tx.init(g), g, *kwargs.pop("args", ()), **kwargs)
+def _outcome(fn) -> tuple[str | None, str]:
+  """What ``fn()`` raises (a `TypeError` or `ValueError`) or else warns:
+  ``(its class's name, its message)``; ``(None, "")`` if neither."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      fn()
+    except (TypeError, ValueError) as e:
+      return type(e).__name__, str(e)
+  if caught:
+    return caught[0].category.__name__, str(caught[0].message)
+  return None, ""
 
+
+def _skip_update(state=None, inner=None, **kwargs):
+  """An update of `skip_spikes(inner)` (sgd) with ``kwargs`` (positional
+  ``args``), from ``state`` (its own initial state if None)."""
+  tx = optax_zclip.skip_spikes(optax.sgd(1.0) if inner is None else inner)
+  g = jnp.ones(2)
+  state = tx.init(g) if state is None else state
+  return tx.update(g, state, g, *kwargs.pop("args", ()), **kwargs)
+
+
+def _old_zclip_state():
+  """A ZClipState as Orbax restores it without a target (a dict) from a
+  checkpoint of 0.1.0, whose state had neither ``capped`` nor
+  ``cap_count`` (its last field if neither is there)."""
+  restored = optax_zclip.zclip().init(None)._asdict()
+  added = [f for f in ("capped", "cap_count") if f in restored]
+  for field in added or [list(restored)[-1]]:
+    del restored[field]
+  return restored
+
+
+_G = jnp.ones(2)
 
 # The mistakes of the Errors section's last table: (the call as shown, the
-# call).
+# call, the words of the fix its message must hold).
 MISTAKES = (
-    ("zclip(3e-4)", lambda: optax_zclip.zclip(3e-4)),
+    ("zclip(3e-4)", lambda: optax_zclip.zclip(3e-4),
+     "Write zclip(alpha=0.0003)"),
     ("tx.update(grads, state, params, loss=loss)",
-     lambda: _skip_update(loss=2.5)),
+     lambda: _skip_update(loss=2.5), "Pass value=loss"),
     ("tx.update(grads, state, params, loss)",
-     lambda: _skip_update(args=(2.5,))),
-    ("stats(params)", lambda: optax_zclip.stats({"w": jnp.ones(2)})),
+     lambda: _skip_update(args=(2.5,)),
+     "tx.update(grads, state, params, value=loss)"),
+    ("tx.update(grads, state, params)  # tx = skip_spikes(...)",
+     _skip_update, "Pass the step's loss"),
+    ("zclip().update(grads, optax.adam(lr).init(params))",
+     lambda: optax_zclip.zclip().update(_G, optax.adam(1e-3).init(_G)),
+     "Pass this transform's own state"),
+    ("skip_spikes(inner).update(grads, inner.init(params), value=loss)",
+     lambda: _skip_update(optax.adam(1e-3).init(_G), optax.adam(1e-3),
+                          value=2.5),
+     "optax_zclip.init_around(tx, inner_state)"),
+    ("zclip().update(grads, restored)  # an older release's ZClipState",
+     lambda: optax_zclip.zclip().update(_G, _old_zclip_state()),
+     "optax_zclip.migrate_state(restored, tx.init(params))"),
+    ("skip_spikes(inner, window=64).update(grads, state, value=loss)",
+     lambda: _skip_update(optax_zclip.skip_spikes(
+         optax.sgd(1.0), window=64).init(_G), value=2.5),
+     "init_around(tx, inner_state)"),
+    ("stats(params)", lambda: optax_zclip.stats({"w": jnp.ones(2)}),
+     "Pass the optimizer state"),
+    ("stats(None)", lambda: optax_zclip.stats(None),
+     "Pass the optimizer state"),
 )
 
 
-def test_each_mistake_raises_a_type_error_that_names_the_fix():
-  fixes = ("Write zclip(alpha=0.0003)", "value=loss", "value=loss",
-           "Pass the optimizer state")
-  for (_, fn), fix in zip(MISTAKES, fixes, strict=True):
-    with pytest.raises(TypeError, match=re.escape(fix)):
-      fn()
+def test_each_mistake_raises_or_warns_with_a_message_that_names_the_fix():
+  for call, fn, fix in MISTAKES:
+    kind, message = _outcome(fn)
+    assert kind in ("TypeError", "ValueError", "SkipSpikesNoLossWarning"), (
+        call, kind)
+    assert fix in message, (call, message)
 
 
 DOCS_PAGE = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "guides"

@@ -205,9 +205,14 @@ def test_linen_train_state_passing_the_loss_skips_the_loss_spike():
 
 
 def test_linen_apply_gradients_without_the_loss_takes_the_loss_spike():
-  # Flax's own `apply_gradients` passes no loss: the loss test never runs.
-  _, state, logged, grads_seq, losses = _linen_run(
-      train_state.TrainState, _skip_tx(), pass_loss=False)
+  # Flax's own `apply_gradients` passes no loss: the loss test never runs,
+  # and skip_spikes says so once, when the step is traced, naming the fix.
+  with pytest.warns(optax_zclip.SkipSpikesNoLossWarning,
+                    match="value=loss.*Integrations guide's apply_gradients"
+                    ) as record:
+    _, state, logged, grads_seq, losses = _linen_run(
+        train_state.TrainState, _skip_tx(), pass_loss=False)
+  assert len(record) == 1, [str(w.message) for w in record]
   norms = [tree_norm64(jax.tree.leaves(g)) for g in grads_seq]
   skipped = _check_skip_decisions(logged, norms, [None] * STEPS)
   assert skipped[NORM_SPIKE] and not skipped[LOSS_SPIKE]

@@ -10,6 +10,7 @@ number given to a factory by position.
 
 from __future__ import annotations
 
+import collections
 import csv
 import functools
 import inspect
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 import pytest
 from references import SkipSpikesRef, tree_norm64
+from transforms import TRANSFORMS, with_adamw
 
 import optax_zclip
 from optax_zclip import _cli
@@ -238,8 +240,87 @@ def test_stats_of_an_optimizer_state_without_clipping_is_empty(make):
   assert optax_zclip.stats(state, default={"none": 0}) == {"none": 0}
 
 
-def test_stats_of_nothing_is_empty():
-  assert optax_zclip.stats(None) == {} and optax_zclip.stats({}) == {}
+@pytest.mark.parametrize("thing", [None, 3, 2.5, "opt_state", (None,),
+                                   {"opt_state": None}],
+                         ids=["None", "int", "float", "str", "tuple_of_None",
+                              "dict_of_None"])
+def test_stats_of_none_or_a_number_is_a_type_error_like_params(thing):
+  # None is what an optimizer state not yet set holds.
+  with pytest.raises(TypeError, match=r"^stats\(\) got .*, which holds no "
+                     "optimizer state.*Pass the optimizer state"):
+    optax_zclip.stats(thing)
+
+
+def test_stats_of_an_empty_state_is_empty():
+  # optax.chain()'s state and an empty mapping hold nothing to report.
+  assert optax_zclip.stats(()) == {} and optax_zclip.stats({}) == {}
+
+
+# --------------------------------------------------------------------------
+# A state that is not the transform's own: refused at trace time, naming the
+# transform, both states and the fix; never an AttributeError from inside.
+
+
+def _own_and_wrong_states(name):
+  """``(tx, params, extra, [(wrong state, words its message must hold)])``
+  for a registry entry: the transform alone for a clipper, the wrapper around
+  ``chain(<clipper>, adamw)`` for a wrapper."""
+  e = TRANSFORMS[name]
+  params = _params()
+  if e.wrapper is None:
+    tx, extra, fn = e.make(), {}, e.factory.__name__
+  else:
+    tx, extra = with_adamw(name), {"value": jnp.float32(2.5)}
+    fn = e.wrapper[0].__name__
+  own = tx.init(params)
+  cls = type(own).__name__
+  common = [f"{fn}: update() got ", f"not the {cls} its init() builds",
+            "Pass this transform's own state"]
+  older = own._asdict()
+  del older[own._fields[-1]]
+  wrong = [
+      # The issue's slip: another optimizer's state.
+      (optax.adam(1e-3).init(params),
+       ["a tuple of (ScaleByAdamState, EmptyState)"]),
+      (None, ["got None as its state"]),
+      # Orbax without a target: dicts of the fields, today's or older.
+      (own._asdict(), ["restored without a target",
+                       "optax_zclip.migrate_state(restored, "
+                       "tx.init(params))"]),
+      (older, [f"lacks {cls}'s fields ['{own._fields[-1]}']",
+               "optax_zclip.migrate_state(restored, tx.init(params))"]),
+  ]
+  if e.wrapper is None:
+    # The chain's state given to the transform inside it.
+    wrong.append((with_adamw(name).init(params),
+                   [f"It holds a {cls} at state[0]"]))
+  else:
+    # The issue's slip: skip_spikes added to a resumed run, handed the
+    # state of the chain it wraps.
+    inner = optax.chain(e.make(), optax.adamw(1e-2))
+    inner_state = inner.init(params)
+    wrong.append((inner_state,
+                  [f"a tuple of ({type(inner_state[0]).__name__}, tuple)",
+                   "optax_zclip.init_around(tx, inner_state)"]))
+  return tx, params, extra, [(w, common + words) for w, words in wrong]
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_a_state_not_from_the_transforms_init_is_refused_with_the_fix(name):
+  tx, params, extra, wrong = _own_and_wrong_states(name)
+  grads = {k: jnp.ones_like(v) for k, v in params.items()}
+  for state, words in wrong:
+    for update in (tx.update, jax.jit(tx.update)):
+      with pytest.raises(TypeError) as info:
+        update(grads, state, params, **extra)
+      message = str(info.value)
+      for w in words:
+        assert w in message, (w, message)
+  # Its own state, and the same class rebuilt (a reloaded module), pass.
+  own = tx.init(params)
+  twin = collections.namedtuple(type(own).__name__, own._fields)(*own)
+  for state in (own, twin):
+    jax.jit(tx.update)(grads, state, params, **extra)
 
 
 # --------------------------------------------------------------------------

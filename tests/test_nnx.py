@@ -325,3 +325,34 @@ def test_stats_of_a_model_is_a_type_error_of_a_plain_optimizer_empty():
   optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
   for right in (optimizer, nnx.state(optimizer), optimizer.opt_state):
     assert optax_zclip.stats(right) == {}
+
+
+def test_an_nnx_update_without_the_loss_warns_once_per_trace():
+  # `optimizer.update(model, grads)` hands skip_spikes no loss: its loss test
+  # is off, and it says so once per trace (not per step), naming the call
+  # that passes it; `value=None` asks for the norm test alone, silently.
+  model = _MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _skip_tx(8, 4.0), wrt=nnx.Param)
+
+  def make_step(**extra):
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model, optimizer, x, y):
+      loss, grads = nnx.value_and_grad(
+          lambda m: jnp.mean((m(x) - y) ** 2))(model)
+      optimizer.update(model, grads, **extra)
+      return loss
+
+    return train_step
+
+  x, y = jnp.ones((4, 4)), jnp.zeros((4, 1))
+  with pytest.warns(optax_zclip.SkipSpikesNoLossWarning,
+                    match=r"optimizer.update\(model, grads, value=loss\)"
+                    ) as record:
+    step = make_step()
+    for _ in range(3):
+      step(model, optimizer, x, y)
+  assert len(record) == 1, [str(w.message) for w in record]
+  step = make_step(value=None)
+  for _ in range(3):
+    step(model, optimizer, x, y)
+  assert int(optimizer.opt_state.size[...]) == 6

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -102,8 +103,9 @@ def _params():
 def _step(tx):
   @jax.jit
   def step(params, state, grads, loss):
-    extra = {} if loss is None else {"value": loss}
-    updates, state = tx.update(grads, state, params, **extra)
+    # value=None: a step without a loss, the norm test alone (asked for, so
+    # without the warning an update that has no `value` at all gives).
+    updates, state = tx.update(grads, state, params, value=loss)
     return optax.apply_updates(params, updates), state, updates
 
   return step
@@ -599,6 +601,183 @@ def test_the_fallback_warns_once_per_trace(monkeypatch):
       _, state = step(grads, state)  # traced once
     tx.update(grads, state, params, value=loss)  # not jitted: traced again
   assert len(record) == 2, [str(w.message) for w in record]
+
+
+# --------------------------------------------------------------------------
+# An update without a loss: a warning, unless the norm test alone is asked
+# for.
+
+
+def _value_reader():
+  """An inner transform whose state is the last ``value`` it was given."""
+  def update(updates, state, params=None, *, value=None, **_):
+    del state, params
+    return updates, jnp.asarray(jnp.nan if value is None else value,
+                                jnp.float32)
+
+  return optax.GradientTransformationExtraArgs(
+      lambda p: jnp.zeros([], jnp.float32), update)
+
+
+def test_an_update_without_value_warns_once_per_trace_and_tests_the_norm():
+  run = make_run(40, seed=5, events={20: ("loss", 9.0), 30: ("norm", 30.0)})
+  tx = _skip_tx(7, 3.0)
+  params = _params()
+  bare = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  asked = jax.jit(lambda p, s, g: tx.update(g, s, p, value=None))
+  with pytest.warns(optax_zclip.SkipSpikesNoLossWarning,
+                    match=r"without `value=`.*Pass the step's loss: "
+                    r"tx.update\(grads, state, params, value=loss\).*"
+                    r"optimizer.update\(model, grads, value=loss\).*"
+                    r"value=None, or skip_spikes\(inner, loss_test=False\)"
+                    ) as record:
+    states = [tx.init(params)] * 2
+    for grads, _ in run:
+      states[0] = bare(params, states[0], grads)[1]  # traced once
+    jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(
+        run[0][0], states[0])  # traced again
+  assert len(record) == 2, [str(w.message) for w in record]
+  assert record[0].filename == __file__  # points at the caller's line
+  for grads, _ in run:
+    states[1] = asked(params, states[1], grads)[1]
+  # The norm test alone, as asked for with value=None, bit for bit, and the
+  # same computation: the warning left nothing in the trace.
+  _assert_bit_identical(states[0], states[1])
+  ref = SkipSpikesRef(window=7, sigma=3.0)
+  skips = [t for t, (g, _) in enumerate(run)
+           if ref.step(tree_norm64(g.values()))["skip"]]
+  assert int(states[0].skip_count) == len(skips)
+  assert 30 in skips and 20 not in skips  # the norm spike, not the loss one
+  assert str(jaxpr) == str(jax.make_jaxpr(
+      lambda g, s: tx.update(g, s, params, value=None))(run[0][0],
+                                                        states[0]))
+
+
+def test_value_none_and_loss_test_false_ask_for_the_norm_alone_silently():
+  run = make_run(30, seed=5, events={20: ("loss", 9.0)})
+  params = _params()
+  quiet = optax_zclip.skip_spikes(_value_reader(), window=7, sigma=3.0,
+                                  loss_test=False)
+  loud = optax_zclip.skip_spikes(_value_reader(), window=7, sigma=3.0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", optax_zclip.SkipSpikesNoLossWarning)
+    s_none, s_off, s_off_value = (t.init(params) for t in (loud, quiet,
+                                                           quiet))
+    for grads, loss in run:
+      s_none = loud.update(grads, s_none, params, value=None)[1]
+      s_off = quiet.update(grads, s_off, params)[1]
+      # The loss reaches the inner transform (on a step taken), untested.
+      s_off_value = quiet.update(grads, s_off_value, params, value=loss)[1]
+      if not int(s_off_value.skipped):
+        assert float(s_off_value.inner_state) == np.float32(loss)
+  skips = np.asarray(s_off_value.skip_count)
+  for state in (s_off, s_off_value):
+    _assert_bit_identical(state._replace(inner_state=0),
+                          s_none._replace(inner_state=0))
+  assert not np.asarray(s_off_value.has_loss).any()
+  # With the loss test on, the same run skips the loss spike too.
+  state = loud.init(params)
+  for grads, loss in run:
+    state = loud.update(grads, state, params, value=loss)[1]
+  assert int(state.skip_count) == skips + 1
+
+
+# --------------------------------------------------------------------------
+# Adding skip_spikes to a run resumed from a checkpoint taken without it.
+
+
+@pytest.mark.parametrize("window", [2, 7, 128])
+def test_init_around_builds_what_init_builds_around_the_given_state(window):
+  inner = optax.chain(optax_zclip.zclip(**ZCLIP), optax.adamw(LR))
+  tx = optax_zclip.skip_spikes(inner, window=window, sigma=3.0)
+  params = _params()
+  inner_state = inner.init(params)
+  state = optax_zclip.init_around(tx, inner_state)
+  _assert_bit_identical(state, tx.init(params))
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(tx.init(params)),
+                  strict=True):
+    assert a.dtype == b.dtype and a.shape == b.shape
+  # The given state itself, not a copy.
+  assert all(a is b for a, b in zip(jax.tree.leaves(state.inner_state),
+                                    jax.tree.leaves(inner_state),
+                                    strict=True))
+
+
+def test_init_around_refuses_what_is_not_skip_spikes_and_its_inner_state():
+  inner = optax.adamw(LR)
+  tx = optax_zclip.skip_spikes(inner, window=4)
+  params = _params()
+  for other in (inner, optax.MultiSteps(tx, 2), optax_zclip.zclip(), None):
+    with pytest.raises(TypeError, match=r"^init_around: `tx` must be the "
+                       r"transform skip_spikes\(\) returned"):
+      optax_zclip.init_around(other, inner.init(params))
+  with pytest.raises(TypeError, match="already a SkipSpikesState"):
+    optax_zclip.init_around(tx, tx.init(params))
+
+
+def test_a_state_of_another_window_is_refused():
+  inner = optax.sgd(1.0)
+  params = _params()
+  other = optax_zclip.skip_spikes(inner, window=4).init(params)
+  tx = optax_zclip.skip_spikes(inner, window=8)
+  grads = make_run(1, 0, {})[0][0]
+  with pytest.raises(ValueError, match=r"history has shape \(4,\), but this "
+                     r"transform's window is 8.*init_around"):
+    jax.jit(tx.update)(grads, other, params, value=1.0)
+
+
+def test_skip_spikes_added_to_a_run_resumed_from_a_checkpoint_without_it(
+    tmp_path):
+  import orbax.checkpoint as ocp  # noqa: PLC0415 (this test's alone)
+
+  window, sigma, save_at = 7, 3.0, 16
+  run = make_run(40, seed=12, events={27: ("both", 20.0, 3.0),
+                                      33: ("loss", 8.0)})
+  inner = optax.chain(optax_zclip.zclip(**ZCLIP), optax.adamw(LR))
+  inner_step = _step(inner)
+  params = _params()
+  state = inner.init(params)
+  for grads, loss in run[:save_at]:  # a run without skip_spikes
+    params, state, _ = inner_step(params, state, grads, loss)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+    ckptr.wait_until_finished()
+    # A new process: the target from the inner optimizer, as saved.
+    fresh = _params()
+    target = jax.eval_shape(lambda: {"params": fresh,
+                                     "opt_state": inner.init(fresh)})
+    restored = ckptr.restore(tmp_path / "ckpt", target)
+  _assert_bit_identical(restored, {"params": params, "opt_state": state})
+
+  tx = optax_zclip.skip_spikes(inner, window=window, sigma=sigma)
+  step = _step(tx)
+  params = restored["params"]
+  state = optax_zclip.init_around(tx, restored["opt_state"])
+  # The unwrapped chain from the same state, fed the kept steps only, and
+  # the float64 rule from an empty history.
+  p_ref, s_ref = restored["params"], restored["opt_state"]
+  ref = SkipSpikesRef(window=window, sigma=sigma)
+  skipped = []
+  for t, (grads, loss) in enumerate(run[save_at:], start=save_at):
+    before = state.inner_state
+    params, state, updates = step(params, state, grads, loss)
+    assert int(state.skipped) == ref.step(tree_norm64(grads.values()),
+                                          loss)["skip"], t
+    if int(state.skipped):
+      skipped.append(t)
+      _assert_bit_identical(state.inner_state, before, f"step {t}")
+      assert not any(np.asarray(u).any() for u in jax.tree.leaves(updates))
+      continue
+    p_ref, s_ref, want = inner_step(p_ref, s_ref, grads, None)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want),
+                    strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=t)
+  assert skipped == [27, 33]
+  # The restored statistics carried on: ZClip counted every step taken.
+  assert int(state.inner_state[0].count) == len(run) - len(skipped)
+  for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(s_ref),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------

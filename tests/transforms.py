@@ -166,6 +166,13 @@ def with_adamw(name: str, learning_rate: float = 1e-2, **adamw_kwargs
   return tx if e.wrapper is None else e.wrapper[0](tx, **e.wrapper[1])
 
 
+def no_loss(name: str) -> dict:
+  """The extra arguments of an update that has no loss to pass: for a
+  wrapper ``value=None``, which asks for its norm test alone (an update
+  without ``value`` warns), for the others none."""
+  return {"value": None} if name in WRAPPERS else {}
+
+
 def wrapper_reference(name: str) -> SkipSpikesRef | None:
   """A float64 reference of the wrapper's decisions, or None."""
   w = TRANSFORMS[name].wrapper
