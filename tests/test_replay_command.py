@@ -202,8 +202,8 @@ def test_the_report_says_when_the_cap_made_the_clips(tmp_path, capsys):
                   "zclip,zclip:z_thresh=3,zclip:max_grad_norm=none,clip@1")
   for name in ("zclip", "zclip:z_thresh=3"):
     assert (f"Note: the cap max_grad_norm=1 made 200 of {name}'s 200 clips "
-            f"(the median norm, {np.median(norms):.3g}, is above it), so its "
-            "z-score rule made 0: replay ") in text
+            f"(the median norm is {np.median(norms):.3g}, above the cap), and "
+            "its z-score rule 0: replay ") in text
   assert ("replay zclip:max_grad_norm=none to see the adaptive rule alone"
           in text)
   assert ("replay zclip:z_thresh=3,max_grad_norm=none to see the adaptive "

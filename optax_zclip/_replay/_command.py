@@ -50,13 +50,16 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
           "or skipped, and how hard.") + "\n\n" + _fill(OPEN_LOOP),
       epilog="""\
 LOG formats, recognised by their content:
-  CSV with a header     TensorBoard and W&B exports. A row without a value in
-                        the norm column (W&B leaves the cell empty when a row
+  CSV with a header     TensorBoard and W&B exports (a chart's columns
+                        "<run> - <metric>" of one run are read by metric),
+                        Lightning's metrics.csv. A row without a value in the
+                        norm column (W&B leaves the cell empty when a row
                         logged other metrics) is not a step: it is left out.
                         NaN and inf are non-finite steps.
   JSON lines            one object per line, as the spike demo's
                         metrics.jsonl (nested objects give columns a/b);
-                        --where picks one run of several.
+                        --where picks one run of several. ms-swift's
+                        logging.jsonl: its closing summary is left out.
   trainer_state.json    Hugging Face Transformers: the log_history entries with
                         a grad_norm (evaluation entries have none).
   one number per line   the norms alone.
@@ -64,13 +67,23 @@ LOG formats, recognised by their content:
                         below it, merged by step); needs
                         pip install "optax-zclip[tensorboard]".
   text log              lines of key: value, key=value or |-separated pairs
-                        (Megatron-LM, torchtitan, llm.c); a line is a step
-                        when it holds a step and a norm.
+                        (Megatron-LM, torchtitan, llm.c, fairseq), or printed
+                        dicts (the Hugging Face Trainer's console, fairseq's
+                        json format); a line is a step when it holds a norm
+                        and a step (dicts without a step are numbered 0, 1,
+                        2, ...). A launcher's rank prefix ([default3]:,
+                        [rank0]:) is stripped; the lowest rank that logged
+                        norms is read.
+Every format: a step logged again (a restart from a checkpoint) keeps its last
+write, the steps are replayed in order, and the output counts them.
 Columns, when not given: the norm before clipping wherever a log has it and
 another (learning/raw_grad_norm, grad_norm, train/grad_norm, grad norm,
-skip/grad_norm, ..., norm, or the one column ending in grad_norm); the loss is
-loss, train/loss, lm loss, learning/loss or trl; the step is step, _step, Step,
-global_step, iteration or s (without one, the rows are numbered from 0).
+grad_2.0_norm_total, gnorm, skip/grad_norm, ..., norm, or the one column
+ending in grad_norm); the loss is the first of loss, train/loss, train_loss,
+train_loss_step, lm loss, loss_metrics/global_avg_loss, learning/loss or trl
+with values on the rows with a norm; the step likewise, of step, _step, Step,
+global_step, global_step/max_steps (n of "n/N"), num_updates, iteration, s, ...
+(without one, the rows are numbered from 0).
 
 METHODS, comma-separated:
   zclip                      optax_zclip.zclip() with its defaults

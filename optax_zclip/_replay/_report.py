@@ -62,11 +62,12 @@ def cap_note(row: dict, cap: float, alone: str, median: float) -> str | None:
   made = row["clipped"] - (row["skipped"] or 0)
   if row["capped"] is None or not made or 2 * row["capped"] <= made:
     return None
+  above = ", above the cap" if median > cap else ""
   return (f"the cap max_grad_norm={cap:g} made {row['capped']} of "
-          f"{row['method']}'s {made} clips (the median norm, {median:.3g}, "
-          f"is {'above' if median > cap else 'near'} it), so its z-score "
-          f"rule made {made - row['capped']}: replay {alone} to see the "
-          "adaptive rule alone")
+          f"{row['method']}'s {made} clips (the median norm is "
+          f"{median:.3g}{above}), and its z-score rule "
+          f"{made - row['capped']}: replay {alone} to see the adaptive rule "
+          "alone")
 
 
 def format_table(rows: list[dict]) -> str:
