@@ -121,18 +121,13 @@ def _parse(line: str) -> tuple[dict, int | None, str]:
   return found, rank, kind
 
 
-def pairs(line: str) -> dict:
-  """The ``key: value`` pairs of one line, values as the text gives them."""
-  return _parse(line)[0]
-
-
 def _is_norm(key: str) -> bool:
   return key.lower().replace(" ", "_").endswith("norm")
 
 
 def _lines(text: str) -> list[str]:
-  """The lines of ``text``, split at newlines only (a "\r" rewrites the
-  progress bar within a line)."""
+  """The lines of ``text``, split at newlines only: a carriage return
+  rewrites a progress bar within its line."""
   lines = text.split("\n")
   if lines[-1] == "":
     lines.pop()
