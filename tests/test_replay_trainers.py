@@ -213,6 +213,17 @@ def test_torchtitan_ranks_logging_the_same_steps_keep_the_lowest(tmp_path,
 FAIRSEQ = [(100, 9.849, 1.875), (200, 9.25, 12.5), (300, 8.75, 1.5)]
 
 
+def _read_fairseq(path):
+  """The log at ``path``, checked to hold FAIRSEQ's updates (the train and
+  valid summaries left out)."""
+  log = _logs.read_log(str(path))
+  assert _columns(log) == ("gnorm", "loss", "num_updates")
+  np.testing.assert_array_equal(log.steps, [100, 200, 300])
+  np.testing.assert_array_equal(log.norms, [1.875, 12.5, 1.5])
+  assert log.losses == [9.849, 9.25, 8.75]
+  return log
+
+
 def test_fairseq_simple_format_and_its_epoch_summaries(tmp_path, capsys):
   lines = ["2021-03-01 12:00:00 | INFO | fairseq_cli.train | task: "
            "TranslationTask"]
@@ -231,11 +242,7 @@ def test_fairseq_simple_format_and_its_epoch_summaries(tmp_path, capsys):
       "300 | lr 1e-05 | gnorm 5.25 | train_wall 90 | gb_free 10 | wall 240"]
   path = tmp_path / "train.log"
   path.write_text("\n".join(lines) + "\n")
-  log = _logs.read_log(str(path))
-  assert _columns(log) == ("gnorm", "loss", "num_updates")
-  np.testing.assert_array_equal(log.steps, [100, 200, 300])
-  np.testing.assert_array_equal(log.norms, [1.875, 12.5, 1.5])
-  assert log.losses == [9.849, 9.25, 8.75]
+  log = _read_fairseq(path)
   assert log.summaries_left_out == 1 and log.relogged == 0
   assert log.left_out == 2  # the banner, the valid line
   text = _replay(tmp_path, capsys, path)
@@ -259,11 +266,7 @@ def test_fairseq_json_format(tmp_path):
             '"9.1", "train_gnorm": "5.25", "train_num_updates": "300"}']
   path = tmp_path / "train.log"
   path.write_text("\n".join(lines) + "\n")
-  log = _logs.read_log(str(path))
-  assert _columns(log) == ("gnorm", "loss", "num_updates")
-  np.testing.assert_array_equal(log.steps, [100, 200, 300])
-  np.testing.assert_array_equal(log.norms, [1.875, 12.5, 1.5])
-  assert log.losses == [9.849, 9.25, 8.75]
+  log = _read_fairseq(path)
   assert log.left_out == 2 and log.summaries_left_out == 1
   # Without the logging prefix (older fairseq printed the JSON alone).
   path.write_text("\n".join(line.rpartition(" | ")[2]
