@@ -248,9 +248,10 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
 
   * ``zclip/`` (`zclip`): ``count``, ``mean``, ``var``, ``grad_norm``,
     ``clipped_norm``, ``z_score``, ``threshold``, ``spike_count``,
-    ``nonfinite_count``, ``restart_count`` and ``std = sqrt(var)``;
+    ``nonfinite_count``, ``restart_count``, ``capped``, ``cap_count`` and
+    ``std = sqrt(var)``;
   * ``adagc/`` (`adagc`): ``count``, ``grad_norm``, ``clipped_norm``,
-    ``num_clipped``, ``nonfinite_count``;
+    ``num_clipped``, ``nonfinite_count``, ``capped``, ``cap_count``;
   * ``autoclip/`` (`autoclip`): ``count``, ``grad_norm``, ``clipped_norm``,
     ``threshold``, ``nonfinite_count``;
   * ``clip/`` (`clip_by_global_norm`): ``count``, ``grad_norm``,
@@ -290,9 +291,10 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
     >>> tx = optax.chain(optax_zclip.zclip(), optax.adamw(1e-3))
     >>> state = tx.init({"w": jnp.zeros(3)})
     >>> sorted(optax_zclip.stats(state))  # doctest: +NORMALIZE_WHITESPACE
-    ['zclip/clipped_norm', 'zclip/count', 'zclip/grad_norm', 'zclip/mean',
-     'zclip/nonfinite_count', 'zclip/restart_count', 'zclip/spike_count',
-     'zclip/std', 'zclip/threshold', 'zclip/var', 'zclip/z_score']
+    ['zclip/cap_count', 'zclip/capped', 'zclip/clipped_norm', 'zclip/count',
+     'zclip/grad_norm', 'zclip/mean', 'zclip/nonfinite_count',
+     'zclip/restart_count', 'zclip/spike_count', 'zclip/std',
+     'zclip/threshold', 'zclip/var', 'zclip/z_score']
     >>> optax_zclip.stats(optax.adamw(1e-3).init({"w": jnp.zeros(3)}))
     {}
 

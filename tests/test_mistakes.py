@@ -192,7 +192,8 @@ def test_the_replay_reads_the_norm_of_every_step_and_says_so(logged, tmp_path,
       f"{skip.sum()} ("))
   clipped, pct = row.split()[:2]
   assert clipped == str(skip.sum()) and pct == f"({100 * skip.mean():.1f}%)"
-  assert row.split()[4] == str(skip.sum())  # the skipped column
+  # "by the cap" (skip has none), then the cuts, then the skipped column.
+  assert row.split()[2] == "-" and row.split()[5] == str(skip.sum())
 
 
 def test_two_unknown_norm_columns_are_refused_and_listed(tmp_path):
