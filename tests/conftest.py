@@ -4,6 +4,10 @@ The tests under ``multidevice/`` need 8 simulated CPU devices, which must be
 requested before JAX starts; `test_multidevice.py` runs them in a subprocess
 with that setting, so the rest of the suite keeps one device.
 
+The tests under ``maxtext/`` run MaxText's own trainer, which needs Python >=
+3.12 and a venv of its own (`bash .ci/maxtext`); they are collected only with
+``OPTAX_ZCLIP_MAXTEXT=1``, which that job sets.
+
 ``--library-only`` runs the library's tests alone, as CI's job on the
 declared floors of jax, optax and numpy does (Flax's releases that the
 examples need do not install with those): it leaves out the tests marked
@@ -19,8 +23,11 @@ import pickle
 
 import pytest
 
+collect_ignore = []
 if os.environ.get("OPTAX_ZCLIP_MULTIDEVICE") != "1":
-  collect_ignore = ["multidevice"]
+  collect_ignore.append("multidevice")
+if os.environ.get("OPTAX_ZCLIP_MAXTEXT") != "1":
+  collect_ignore.append("maxtext")
 
 _WHOLE_FILE_MARK = "\npytestmark = pytest.mark.examples\n"
 
