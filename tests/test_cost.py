@@ -19,12 +19,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
                        "benchmarks"))
 
 import memory  # noqa: E402
-from versions import measured_on  # noqa: E402
+from versions import between, measured_on  # noqa: E402
 
 import optax_zclip  # noqa: E402
 
-pytestmark = measured_on("0.10.2", "0.10.2", "XLA's buffer sizes and cost "
+# Every figure held from jaxlib 0.10.2 to 0.12.0.1 but two, which moved at
+# 0.11.1 (XLA_0_11_1 below: the bf16 copy, the fallback's peak).
+pytestmark = measured_on("0.10.2", "0.12.0.1", "XLA's buffer sizes and cost "
                          "model (bytes accessed)")
+XLA_0_11_1 = between("0.11.1", "0.12.0.1")
 
 MATRICES, SIZE = 4, 512
 PARAM_BYTES = MATRICES * SIZE * SIZE * 4
@@ -109,11 +112,24 @@ def test_bf16_gradients_get_no_float32_copy(name):
   # (+0.75x the bf16 parameters' bytes here, +2x traffic).
   temp, nbytes = _extra(optax.chain(CLIPPERS[name](), optax.adamw(1e-3)),
                         dtype="bfloat16")
+  skip_temp, _ = _extra(optax_zclip.skip_spikes(
+      optax.chain(CLIPPERS[name](), optax.adamw(1e-3))), True, "bfloat16")
+  # skip_spikes adds no buffer to the chain it wraps, on every release.
+  assert skip_temp <= temp + 0.001, (skip_temp, temp)
+  if XLA_0_11_1:
+    # A known difference, not fixed (issue 41): from jaxlib 0.11.1 on,
+    # XLA:CPU writes out each bf16 gradient's transpose (before, a free
+    # bitcast of the matmul's output), which the norm's optimization
+    # barrier then copies to the default layout for its reduction: +0.75x
+    # the bf16 parameters' bytes of peak and +2x traffic, in every
+    # clipper's chain (the float32 steps are unchanged). Pinned, so that
+    # XLA's fix, or a worse copy, shows here.
+    assert temp == pytest.approx(0.75, abs=0.01), temp
+    assert nbytes == pytest.approx(10.02, abs=0.04), nbytes
+    pytest.xfail("jaxlib >= 0.11.1 on CPU: a bf16 copy of the gradients at "
+                 "the norm's optimization barrier (+0.75x peak, +2x traffic)")
   assert temp <= 0.01, temp
   assert nbytes == pytest.approx(8.02, abs=0.02), nbytes
-  temp, _ = _extra(optax_zclip.skip_spikes(
-      optax.chain(CLIPPERS[name](), optax.adamw(1e-3))), True, "bfloat16")
-  assert temp <= 0.01, temp
 
 
 def test_the_fallback_pays_for_a_copy_of_the_moments():
@@ -126,6 +142,8 @@ def test_the_fallback_pays_for_a_copy_of_the_moments():
   fast_temp, fast_bytes = _extra(tx, True)
   with memory.replay_unavailable():
     temp, nbytes = _extra(tx, True)
-  assert temp == pytest.approx(1.74, abs=0.01), temp
+  # jaxlib 0.11.1's buffer assignment reuses more at this size: 1.49x, not
+  # 1.74x (the traffic, +5x, is the same on both).
+  assert temp == pytest.approx(1.49 if XLA_0_11_1 else 1.74, abs=0.01), temp
   assert nbytes - fast_bytes == pytest.approx(5.0, abs=0.02), nbytes
   assert fast_temp <= 0.01

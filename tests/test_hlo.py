@@ -27,7 +27,7 @@ SHAPES = {"a": (96, 160), "b": (224,), "c": (3, 40, 72)}
 # What XLA fuses, and how it writes it, changes between releases: the tests
 # that count operations of a kind in the text are measurements. (Those that
 # compare two steps' structures hold on every release and run everywhere.)
-HLO_MEASURED = measured_on("0.10.2", "0.10.2",
+HLO_MEASURED = measured_on("0.10.2", "0.12.0.1",
                            "XLA's fusion decisions in the compiled HLO text")
 
 

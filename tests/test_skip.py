@@ -916,7 +916,7 @@ def _gradient_buffers(text):
                          entry)) for s in HLO_SHAPES.values()]
 
 
-@measured_on("0.10.2", "0.10.2", "XLA's fusion decisions in the "
+@measured_on("0.10.2", "0.12.0.1", "XLA's fusion decisions in the "
              "compiled HLO text")
 @pytest.mark.parametrize("clip", [
     optax_zclip.zclip, lambda: optax_zclip.clip_by_global_norm(1.0)],

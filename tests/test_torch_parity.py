@@ -1,7 +1,9 @@
 """Step-by-step parity with the authors' PyTorch ZClip (PyPI ``zclip`` 1.0.0).
 
 Skipped unless both ``torch`` and ``zclip`` import; neither is a dependency
-of this package or of CI. To run it, in a virtual environment of its own::
+of this package. CI's README and floor jobs install them (on Python 3.11);
+its newest-Python job (``.ci/newest``) does not, so it skips there. To run it,
+in a virtual environment of its own::
 
   # in a virtual environment of its own, activated (not your JAX one)
   pip install torch==2.13.0 zclip==1.0.0 pytest -e .
@@ -22,8 +24,14 @@ import pytest
 
 import optax_zclip
 
-torch = pytest.importorskip("torch")
-reference = pytest.importorskip("zclip")
+# The reason says why, not only what failed to import: the CPU build of
+# torch that CI installs is a Python 3.11 wheel, and on any other Python pip
+# would fetch a CUDA build of several GB, so the newest-Python job has none.
+_WHY = ("needs PyTorch and the authors' ZClip (pip install torch==2.13.0 "
+        "zclip==1.0.0), not dependencies: CI installs them on Python 3.11 "
+        "(the README and floor jobs), not in the newest-Python job")
+torch = pytest.importorskip("torch", reason=_WHY)
+reference = pytest.importorskip("zclip", reason=_WHY)
 
 SHAPES = [(8, 16), (16,), (4, 4, 3)]
 STEPS, WARMUP = 80, 10
