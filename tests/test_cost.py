@@ -118,16 +118,16 @@ def test_bf16_gradients_get_no_float32_copy(name):
   assert skip_temp <= temp + 0.001, (skip_temp, temp)
   if XLA_0_11_1:
     # A known difference, not fixed (issue 41): from jaxlib 0.11.1 on,
-    # XLA:CPU writes out each bf16 gradient's transpose (before, a free
-    # bitcast of the matmul's output), which the norm's optimization
-    # barrier then copies to the default layout for its reduction: +0.75x
-    # the bf16 parameters' bytes of peak and +2x traffic, in every
-    # clipper's chain (the float32 steps are unchanged). Pinned, so that
-    # XLA's fix, or a worse copy, shows here.
+    # XLA:CPU writes out each bf16 gradient in the layout in which the
+    # overflow pass's conditional takes it (before, a free bitcast of the
+    # matmul's output): +0.75x the bf16 parameters' bytes of peak and +2x
+    # traffic, in every clipper's chain (float32 steps are unchanged; with
+    # the conditional taken out, an experiment, the copy goes). Pinned, so
+    # that XLA's fix, or a worse copy, shows here.
     assert temp == pytest.approx(0.75, abs=0.01), temp
     assert nbytes == pytest.approx(10.02, abs=0.04), nbytes
-    pytest.xfail("jaxlib >= 0.11.1 on CPU: a bf16 copy of the gradients at "
-                 "the norm's optimization barrier (+0.75x peak, +2x traffic)")
+    pytest.xfail("jaxlib >= 0.11.1 on CPU: a copy of the bf16 gradients for "
+                 "the overflow pass's conditional (+0.75x peak, +2x traffic)")
   assert temp <= 0.01, temp
   assert nbytes == pytest.approx(8.02, abs=0.02), nbytes
 
