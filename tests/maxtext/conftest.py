@@ -7,4 +7,4 @@ venv `bash .ci/maxtext install` builds (Python >= 3.12, MaxText pinned).
 # The guide's patch and the launcher run in MaxText's processes, not in
 # pytest's: no doctests to collect from them (importing MaxText here would
 # only slow the collection down).
-collect_ignore = ["maxtext_zclip.py", "run_maxtext.py"]
+collect_ignore = ["maxtext_zclip.py", "run_maxtext.py", "train_zclip.py"]

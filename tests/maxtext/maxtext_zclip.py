@@ -1,10 +1,9 @@
-"""ZClip and skip_spikes inside MaxText 0.2.5's optimizer, as a patch.
+"""maxtext_zclip.py: ZClip and skip_spikes in MaxText 0.2.5's optimizer.
 
-This module is the Integrations guide's MaxText recipe, line for line: the
-guide shows it and `tests/maxtext` runs it. Call `patch()` before MaxText's
-trainer builds its optimizer, then run the trainer as usual (with
-``gradient_clipping_threshold=0``: MaxText's fixed clipping runs before the
-optimizer, and would clip before ZClip sees the norm).
+Call `patch()` before MaxText's trainer builds its optimizer, then run the
+trainer as usual, with ``gradient_clipping_threshold=0`` (MaxText's fixed
+clipping runs before the optimizer and would clip before ZClip sees the
+norm).
 """
 
 import optax
@@ -23,11 +22,11 @@ def loss_as_value(tx):
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
-def patch(*, zclip=True, skip_spikes=False, **zclip_kwargs):
+def patch(*, zclip=True, skip_spikes=True, **zclip_kwargs):
   """Puts ZClip first in MaxText's optimizer (`optax_zclip.zclip(
-  **zclip_kwargs)` before AdamW) and, with ``skip_spikes``, replaces
-  MaxText's `skip_step_on_spikes` by `optax_zclip.skip_spikes`, which then
-  reads MaxText's own keys: ``skip_step_on_spikes=true`` turns it on,
+  **zclip_kwargs)` before AdamW) and, with ``skip_spikes``, has
+  `optax_zclip.skip_spikes` stand in for MaxText's `skip_step_on_spikes`,
+  with MaxText's keys: ``skip_step_on_spikes=true`` turns it on,
   ``skip_step_interval`` is its window, ``skip_step_scaling_factor`` its
   sigma. ZClip goes inside the skip wrapper, so that the wrapper tests the
   raw norm and a skipped step leaves ZClip's statistics untouched."""

@@ -12,6 +12,8 @@ checkpoints and the TensorBoard directory. CI's MaxText job runs them
 import json
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -36,12 +38,12 @@ F32 = 1e-6
 
 
 class Run:
-  """What one MaxText run wrote under ``out``."""
+  """What one MaxText run wrote: ``run`` is its directory (the config's
+  base_output_directory/run_name), ``metrics`` its metrics_file."""
 
-  def __init__(self, out: pathlib.Path, stderr: str):
-    self.out, self.stderr = out, stderr
-    rows = [json.loads(line) for line in
-            (out / "metrics.jsonl").read_text().splitlines()]
+  def __init__(self, run: pathlib.Path, metrics: pathlib.Path, stderr: str):
+    self.run, self.stderr = run, stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [int(r["step"]) for r in rows] == list(range(STEPS))
     self.rows = rows
 
@@ -67,7 +69,7 @@ class Run:
         self.items(step)).item_metadata.tree
 
   def items(self, step: int) -> pathlib.Path:
-    return self.out / "run" / "checkpoints" / str(step) / "items"
+    return self.run / "checkpoints" / str(step) / "items"
 
 
 def train(out: pathlib.Path, *flags: str, devices: int = 1,
@@ -90,11 +92,52 @@ def train(out: pathlib.Path, *flags: str, devices: int = 1,
   done = subprocess.run(command, env=env, capture_output=True, text=True,
                         timeout=900)
   assert done.returncode == 0, done.stderr[-6000:]
-  return Run(out, done.stderr)
+  return Run(out / "run", out / "metrics.jsonl", done.stderr)
+
+
+def guide_blocks(language: str) -> list[str]:
+  """The ``language`` code blocks of the Integrations guide's MaxText
+  section."""
+  text = (ROOT / "docs" / "guides" / "integrations.md").read_text()
+  section = text.split("\n### MaxText\n", 1)[1].split("\n## ", 1)[0]
+  return re.findall(rf"^```{language}\n(.*?)^```$", section,
+                    re.MULTILINE | re.DOTALL)
+
+
+def test_the_guide_shows_the_files_the_tests_run():
+  assert guide_blocks("python") == [
+      (HERE / name).read_text() for name in ("maxtext_zclip.py",
+                                             "train_zclip.py")]
+  install, run = guide_blocks("bash")
+  # What .ci/maxtext installs.
+  assert '"maxtext[tpu]==0.2.5"' in install
+  assert '"maxtext[tpu]==0.2.5"' in (ROOT / ".ci" / "maxtext").read_text()
+  # The guide's run is the tiny run the other tests make.
+  for override in run_maxtext.TINY:
+    assert override in run.split(), override
+
+
+def guide_run(tmp_path: pathlib.Path) -> tuple[Run, str]:
+  """The guide's two files and its run command (its second bash block),
+  as a user would: in a directory of their own. Returns the run and what
+  the command printed (the replay's report)."""
+  for name in ("maxtext_zclip.py", "train_zclip.py"):
+    shutil.copy(HERE / name, tmp_path / name)
+  env = dict(os.environ, PATH=os.pathsep.join(
+      [str(pathlib.Path(sys.executable).parent), os.environ["PATH"]]))
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                         guide_blocks("bash")[1]], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-6000:]
+  return (Run(tmp_path / "runs" / "zclip", tmp_path / "runs" / "zclip.jsonl",
+              done.stderr), done.stdout)
 
 
 def test_zclip_runs_in_maxtext_and_fsdp_matches_one_device(tmp_path):
-  one = train(tmp_path / "one", "--zclip")
+  one, report = guide_run(tmp_path)
+  # The guide's replay read the run's TensorBoard directory.
+  assert "norms from 'learning/raw_grad_norm'" in " ".join(report.split())
   fsdp = train(tmp_path / "fsdp", "--zclip", devices=8)
 
   # ZClip ran: its state is in MaxText's checkpoint, first in the chain,
@@ -175,7 +218,7 @@ def test_skip_spikes_skips_a_bad_batch_in_maxtext_and_replays(tmp_path):
   out = tmp_path / "replay"
   replay = subprocess.run(
       [sys.executable, "-m", "optax_zclip", "replay",
-       str(tmp_path / "run" / "tensorboard"), "--methods", "skip:window=8",
+       str(run.run / "tensorboard"), "--methods", "skip:window=8",
        "--out", str(out), "--no-plot"],
       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
       text=True, timeout=300)
