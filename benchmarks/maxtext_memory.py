@@ -63,9 +63,12 @@ def measure(name: str, devices: int = 1,
                         f" --xla_force_host_platform_device_count={devices}")
   with tempfile.TemporaryDirectory() as out:
     numbers = pathlib.Path(out) / "memory.json"
+    # A global batch of 8 sequences, unless the overrides say otherwise.
+    batch = [] if any(o.startswith("per_device_batch_size=")
+                      for o in overrides) else ["per_device_batch_size=8"]
     command = [sys.executable, str(LAUNCHER), *flags,
                "--memory-json", str(numbers), "--",
-               *run_maxtext.TINY, "per_device_batch_size=8", "steps=1",
+               *run_maxtext.TINY, *batch, "steps=1",
                "enable_checkpointing=false", "run_name=memory",
                f"base_output_directory={out}", *own, *overrides]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
