@@ -9,8 +9,9 @@ The ``KEY=VALUE`` overrides go to MaxText's config system on top of its own
 them: its config, train loop, sharding, Orbax checkpointing and metric
 writer, unchanged but for what the options below patch.
 
-* ``--zclip`` / ``--skip-spikes``: `maxtext_zclip.patch` (the Integrations
-  guide's recipe).
+* ``--zclip`` / ``--skip-spikes``: ``maxtext_zclip.patch(zclip=...,
+  skip_spikes=...)``, the Integrations guide's patch; both flags make the
+  guide's ``patch()``, as its ``train_zclip.py`` applies it.
 * ``--spike-step K --spike-scale S``: a bad batch at step K (counted from
   0, as MaxText's optimizer counts): that step's loss, and so its
   gradient, is S times the batch's own, inside MaxText's train step. The
