@@ -148,6 +148,17 @@ def _megatron_line(step, loss, g):
 MEGATRON = [(10, 13.32803, 42.627), (20, 11.5, 12.5), (30, 10.25, 3.75)]
 
 
+def _read_megatron(path):
+  """The log at ``path``, checked to hold MEGATRON's iterations with
+  Megatron's own columns."""
+  log = _logs.read_log(str(path))
+  assert _columns(log) == ("grad norm", "lm loss", "iteration")
+  np.testing.assert_array_equal(log.steps, [10, 20, 30])
+  np.testing.assert_array_equal(log.norms, [42.627, 12.5, 3.75])
+  np.testing.assert_allclose(log.losses, [13.32803, 11.5, 10.25])
+  return log
+
+
 def test_megatron_behind_torchrun_reads_the_rank_that_logs(tmp_path, capsys):
   lines = [f"[default{r}]:using world size: 4, data-parallel size: 4"
            for r in range(4)]
@@ -157,11 +168,7 @@ def test_megatron_behind_torchrun_reads_the_rank_that_logs(tmp_path, capsys):
     lines.append(f"[default1]:[after training is done] datetime: {s}")
   path = tmp_path / "megatron.log"
   path.write_text("\n".join(lines) + "\n")
-  log = _logs.read_log(str(path))
-  assert _columns(log) == ("grad norm", "lm loss", "iteration")
-  np.testing.assert_array_equal(log.steps, [10, 20, 30])
-  np.testing.assert_array_equal(log.norms, [42.627, 12.5, 3.75])
-  np.testing.assert_allclose(log.losses, [13.32803, 11.5, 10.25])
+  log = _read_megatron(path)
   assert log.rank == 3 and log.left_out == 1  # rank 3's banner
   text = _replay(tmp_path, capsys, path)
   assert ("Note: the lines carry a launcher's rank prefix; the norms are rank"
@@ -178,11 +185,7 @@ def test_megatron_deepspeed_reads_lm_loss_not_deepspeeds_loss(tmp_path):
               _megatron_line(s, x, g)]
   path = tmp_path / "train.log"
   path.write_text("\n".join(lines) + "\n")
-  log = _logs.read_log(str(path))
-  assert _columns(log) == ("grad norm", "lm loss", "iteration")
-  np.testing.assert_array_equal(log.steps, [10, 20, 30])
-  np.testing.assert_array_equal(log.norms, [42.627, 12.5, 3.75])
-  np.testing.assert_allclose(log.losses, [13.32803, 11.5, 10.25])
+  log = _read_megatron(path)
 
 
 def test_torchtitan_ranks_logging_the_same_steps_keep_the_lowest(tmp_path,
