@@ -185,7 +185,7 @@ def test_megatron_deepspeed_reads_lm_loss_not_deepspeeds_loss(tmp_path):
               _megatron_line(s, x, g)]
   path = tmp_path / "train.log"
   path.write_text("\n".join(lines) + "\n")
-  log = _read_megatron(path)
+  _read_megatron(path)
 
 
 def test_torchtitan_ranks_logging_the_same_steps_keep_the_lowest(tmp_path,
