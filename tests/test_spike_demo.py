@@ -400,6 +400,16 @@ def test_every_run_reads_its_own_kind_of_telemetry():
     assert ("skip/skipped" in keys) == (run == "zclip+skip"), run
 
 
+def test_cli_help_prints_every_option(capsys):
+  # argparse %-formats each help text: a bare "%" in one crashes --help.
+  with pytest.raises(SystemExit) as e:
+    parse_args(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert "at 40% and 70% of the steps" in " ".join(out.split())
+  assert "--inject-kind" in out and "--loss-scale" in out
+
+
 @pytest.mark.parametrize("flag", ["--steps", "--probe-size", "--batch-size",
                                   "--seeds", "--horizon"])
 def test_cli_rejects_non_positive_counts(flag, capsys):

@@ -217,7 +217,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
   p.add_argument("--inject", default=None,
                  help="comma-separated steps whose training batch is "
                  "replaced by an outlier batch; default two steps, at "
-                 f"{' and '.join(f'{f:.0%}' for f in INJECT_FRACTIONS)} of "
+                 # %% : argparse %-formats the help text.
+                 f"{' and '.join(f'{f:.0%}%' for f in INJECT_FRACTIONS)} of "
                  "the steps after both warm-ups")
   p.add_argument("--inject-kind", default=d.inject_kind, choices=INJECT_KINDS,
                  help="repeat: each sequence one byte repeated; random: "
