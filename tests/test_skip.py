@@ -744,13 +744,9 @@ def test_skip_spikes_added_to_a_run_resumed_from_a_checkpoint_without_it(
     ckptr.wait_until_finished()
     # A new process: the target from the inner optimizer, as saved.
     fresh = _params()
-    # Each leaf's sharding in the target, as a real run gives it: without
-    # one, orbax-checkpoint 0.11 warns that it reads it from the files.
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-        jax.eval_shape(lambda: {"params": fresh,
-                                "opt_state": inner.init(fresh)}))
+    # A concrete target, which gives each leaf's sharding: without one,
+    # orbax-checkpoint 0.11 warns that it reads it from the files.
+    target = {"params": fresh, "opt_state": inner.init(fresh)}
     restored = ckptr.restore(tmp_path / "ckpt", target)
   _assert_bit_identical(restored, {"params": params, "opt_state": state})
 
