@@ -20,6 +20,7 @@ from optax_zclip._autoclip import AutoClipState, autoclip
 from optax_zclip._clip import ClipByGlobalNormState, clip_by_global_norm
 from optax_zclip._metrics import count_spikes, spike_mask, spike_score
 from optax_zclip._migrate import migrate_state
+from optax_zclip._registry import loggable_state
 from optax_zclip._replay import replay
 from optax_zclip._skip import (
     SkipSpikesFallbackWarning,
@@ -28,7 +29,7 @@ from optax_zclip._skip import (
     init_around,
     skip_spikes,
 )
-from optax_zclip._stats import loggable_state, stats
+from optax_zclip._stats import stats
 from optax_zclip._zclip import ZClipState, zclip
 
 __version__ = "0.2.0"

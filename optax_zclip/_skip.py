@@ -11,7 +11,7 @@ import optax
 
 from optax_zclip import _compat, _numerics, _validation
 from optax_zclip._numerics import F32, AxisName
-from optax_zclip._stats import loggable_state
+from optax_zclip._registry import loggable_state
 
 
 @loggable_state(

@@ -10,7 +10,7 @@ import optax
 
 from optax_zclip import _numerics, _validation
 from optax_zclip._numerics import F32, AxisName
-from optax_zclip._stats import loggable_state
+from optax_zclip._registry import loggable_state
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean", "max")
