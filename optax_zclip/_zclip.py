@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _numerics, _validation
+from optax_zclip import _numerics, _shared_norms, _validation
 from optax_zclip._numerics import F32, AxisName
 from optax_zclip._registry import loggable_state
 
@@ -23,53 +23,43 @@ CLIP_OPTIONS = ("adaptive_scaling", "mean", "max")
             "capped", "cap_count"),
     derived={"std": lambda s: jnp.sqrt(s["var"])})
 class ZClipState(NamedTuple):
-  """State of `zclip`: the norm statistics plus telemetry of the last step.
+  """State of `zclip`: the norm statistics, and what the last step did.
 
-  Every field is a scalar. The field names are public API: `optax_zclip.stats`
-  reports all of them but ``consecutive_spikes``, plus ``std = sqrt(var)``,
-  as ``zclip/<field>``.
+  Every field is a scalar. `optax_zclip.stats` reports every field but
+  ``consecutive_spikes``, plus ``std = sqrt(var)``, as ``zclip/<field>``
+  (:ref:`telemetry-names`).
 
   Attributes:
     count: int32, number of steps whose global norm was finite, i.e. the
-      number of norms the statistics have seen. Warm-up lasts while
-      ``count < warmup_steps``. Non-finite steps are counted in
-      ``nonfinite_count`` instead.
-    mean: float32, the statistics' mean of the gradient norm. During warm-up
-      the arithmetic mean of the norms so far; afterwards their exponential
+      number of norms the statistics have seen; warm-up lasts while
+      ``count < warmup_steps``.
+    mean: float32, the statistics' mean of the gradient norm: the
+      arithmetic mean of the norms during warm-up, then their exponential
       moving average (EMA).
-    var: float32, the statistics' variance. During warm-up the population
-      variance (divided by N) of the norms so far; afterwards the EMA
-      variance.
+    var: float32, the statistics' variance: the population variance of the
+      norms during warm-up, then the EMA variance.
     grad_norm: float32, global L2 norm of the last step's incoming updates,
       before clipping (NaN or Inf if that step was non-finite).
     clipped_norm: float32, global norm of the last step's outgoing updates,
       ``grad_norm * scale``.
     z_score: float32, ``(grad_norm - mean) / (std + eps)`` of the last step,
-      measured against the statistics before that step; 0 during warm-up.
+      against the statistics before it; 0 during warm-up.
     threshold: float32, the global norm above which the last step counted as
-      a spike or was capped by ``max_grad_norm``: ``min(mean + z_thresh *
-      (std + eps), max_grad_norm)`` in mode ``"zscore"`` (``std`` without
-      ``eps`` in mode ``"percentile"``); during warm-up ``max_grad_norm``
-      (``inf`` when it is None).
+      a spike or was capped: ``min(mean + z_thresh * (std + eps),
+      max_grad_norm)`` (``std`` without ``eps`` in mode ``"percentile"``);
+      ``max_grad_norm`` during warm-up (``inf`` when it is None).
     spike_count: int32, cumulative number of steps detected as spikes.
     nonfinite_count: int32, cumulative number of steps whose global norm was
       NaN or Inf; they leave ``count``, ``mean`` and ``var`` untouched.
     consecutive_spikes: int32, how many of the latest steps with a finite
-      norm were spikes in a row (0 after a step that was not a spike; a
-      non-finite step neither extends nor breaks the run).
+      norm were spikes in a row (not reported by `optax_zclip.stats`).
     restart_count: int32, cumulative number of times the statistics
       restarted their warm-up after ``max_consecutive_spikes`` spikes in a
       row (always 0 when it is None).
-    capped: int32, 1 if the last step was clipped by the cap
-      ``max_grad_norm`` rather than by the z-score rule, else 0: its norm
-      was finite and above the cap, and the cap was below the limit the
-      rule set (the clip value on a spike, the norm itself otherwise). In
-      warm-up only the cap clips. Always 0 when ``max_grad_norm`` is None.
-    cap_count: int32, cumulative number of steps clipped by the cap (the
-      steps with ``capped == 1``). The steps the z-score rule clipped are
-      the spikes the cap did not override: on a run whose norms sit above
-      ``max_grad_norm``, ``cap_count`` grows every step and ``spike_count``
-      barely moves.
+    capped: int32, 1 if the cap ``max_grad_norm`` rather than the z-score
+      rule clipped the last step, else 0 (:ref:`zclip-cap`).
+    cap_count: int32, cumulative number of steps the cap clipped (the steps
+      with ``capped == 1``).
 
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
@@ -107,15 +97,15 @@ def _validate(alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor):
         float32=True)
 
 
-def _zscore(g, mean, std, eps):
-  """``(g - mean) / (std + eps)``, with no NaN when ``std + eps == 0``."""
-  diff = g - mean
+def _zscore(norm, mean, std, eps):
+  """``(norm - mean) / (std + eps)``, with no NaN when ``std + eps == 0``."""
+  diff = norm - mean
   denom = std + eps
   ok = denom > 0
-  z = diff / jnp.where(ok, denom, 1.0)
+  z_score = diff / jnp.where(ok, denom, 1.0)
   # A zero spread makes any excess infinitely unlikely; equality is z = 0.
   degenerate = jnp.where(diff > 0, jnp.inf, jnp.where(diff < 0, -jnp.inf, 0.0))
-  return jnp.where(ok, z, degenerate)
+  return jnp.where(ok, z_score, degenerate)
 
 
 @_validation.keyword_only
@@ -133,107 +123,69 @@ def zclip(
     max_consecutive_spikes: int | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
-  r"""ZClip: clips the global gradient norm when it is a z-score outlier.
+  r"""Clips the global gradient norm when it is a z-score outlier (ZClip).
 
-  One number is not adaptive: the cap ``max_grad_norm`` (1.0 by default, the
-  authors' default) clips every step whose norm is above it, spike or not.
-  On a run whose norms sit above the cap, the cap clips every step and the
-  z-score rule none; `optax_zclip.stats` says which rule clipped a step
-  (``zclip/capped``, ``zclip/cap_count``). There, pass
-  ``max_grad_norm=None`` (or a value several times the usual norm) to let
-  the adaptive rule decide.
+  Keeps an exponential moving average (EMA) of the global gradient norm and
+  of its variance, and clips the steps whose norm is an outlier against
+  them, with the same decisions, argument names and defaults as the
+  authors' PyTorch ``ZClip``. The first ``warmup_steps`` finite norms seed
+  the statistics; meanwhile only the cap ``max_grad_norm`` clips.
 
-  ZClip keeps an exponential moving average (EMA) of the global gradient norm
-  ``g`` and of its variance. After a warm-up of ``warmup_steps`` steps, which
-  seeds the statistics with the arithmetic mean and population variance of the
-  first norms (and meanwhile clips only to ``max_grad_norm``), each step
-  computes ``z = (g - mean) / (std + eps)``. A step with ``z > z_thresh`` is a
-  spike and its norm is clipped to ``c``; with the default
-  ``clip_option="adaptive_scaling"`` (the paper's reciprocal rule)
+  After warm-up, a step whose norm ``g`` has ``z = (g - mean) / (std + eps)
+  > z_thresh`` is a spike, clipped (with the default ``clip_option``) to
 
   .. math::
     c = \left(\mu + \frac{z_{thres}^2\, \sigma}{z}\right) \cdot
     \mathrm{clip\_factor},
 
-  so the larger the outlier, the closer to the mean it is pulled. The limit is
-  then capped at ``max_grad_norm`` (when not None) and the updates are
-  multiplied by ``limit / (g + eps)`` if ``g`` exceeds it. The statistics are
-  then updated with ``c`` on a spike (unless ``skip_update_on_spike``) and
-  with ``g`` otherwise: ``mean = alpha * mean + (1 - alpha) * x`` and, with
-  the new mean, ``var = alpha * var + (1 - alpha) * (x - mean) ** 2``.
-
-  The clipping decisions are those of the authors' PyTorch ``ZClip``, step for
-  step, with the same argument names and defaults. Beyond it:
-
-  * The norm is accumulated in float32 whatever the updates' dtype, and the
-    updates keep their dtype. A finite gradient has a finite norm however
-    large (a float32 sum of squares that overflows is redone after
-    rescaling, only on such a step), so a 1e20 gradient is clipped as a
-    spike. Such a norm during warm-up saturates ``var`` at float32's
-    largest value instead of making it Inf; it then decays by ``alpha``
-    per step.
-  * A NaN or Inf norm leaves ``count``, ``mean`` and ``var`` exactly as they
-    were, increments ``nonfinite_count`` and passes the updates through
-    unchanged, so that `optax.apply_if_finite` can skip the step.
-  * Pure and jit-friendly: no host sync and no Python branch on traced
-    values, so every numeric argument (``warmup_steps`` included) can be
-    injected with `optax.inject_hyperparams`.
+  and every step is clipped to ``max_grad_norm``. The statistics then take
+  in ``c`` on a spike and ``g`` otherwise. A NaN or Inf norm passes the
+  updates through and leaves the statistics alone. The cap is not adaptive:
+  where the usual norm is near or above it, the cap does all the clipping
+  (:ref:`zclip-cap`). The whole rule is in :ref:`zclip-rule`.
 
   Args:
-    alpha: EMA smoothing factor of the mean and variance, in (0, 1) as a
-      float32. Larger values remember longer.
-    z_thresh: z-score above which a step is a spike (mode ``"zscore"``), or the
-      number of standard deviations above the mean where clipping starts
-      (mode ``"percentile"``). > 0.
-    max_grad_norm: an absolute cap on the global norm, applied at every step
-      (alone during warm-up), or None or inf for no cap. > 0. The default,
-      1.0, is the authors': it clips every step whose norm is above 1.0,
-      spike or not, so on a run whose usual norm is near or above 1 the
-      cap does all the clipping and the z-score none (``zclip/capped`` is 1
-      on each such step). Keep it where the usual norm is well below 1;
-      else pass None or a value several times the usual norm.
+    alpha: EMA smoothing factor of the mean and variance, in (0, 1). Larger
+      values remember longer.
+    z_thresh: z-score above which a step is a spike (mode ``"zscore"``), or
+      the number of standard deviations above the mean where clipping starts
+      (mode ``"percentile"``); > 0.
+    max_grad_norm: an absolute cap on the global norm, applied at every
+      step, or None (or inf) for no cap; > 0. Where the usual norm is not
+      well below it, pass None or a value several times the usual norm.
     eps: added to ``std`` in the z-score and to ``g`` in the clip factor;
       finite and >= 0.
-    warmup_steps: number of steps with a finite norm that seed the
-      statistics; an integer in [1, 2**31 - 1] (the int32 counter saturates
-      at 2**31 - 1).
-    mode: ``"zscore"`` (spike when ``z > z_thresh``, clip by ``clip_option``)
-      or ``"percentile"`` (spike when ``g > mean + z_thresh * std``, clip to
-      that value).
+    warmup_steps: number of finite norms that seed the statistics; an
+      integer in [1, 2**31 - 1].
+    mode: ``"zscore"`` (spike when ``z > z_thresh``, clipped by
+      ``clip_option``) or ``"percentile"`` (spike when ``g > mean + z_thresh
+      * std``, clipped to that value).
     clip_option: in mode ``"zscore"``, the clip value on a spike:
-      ``"adaptive_scaling"`` (the reciprocal rule above), ``"mean"`` (clip to
-      the EMA mean) or ``"max"`` (the paper's variant, ``mean + z_thresh *
-      std``). Ignored in mode ``"percentile"``.
-    clip_factor: multiplies the whole ``"adaptive_scaling"`` threshold, mean
-      included (0.5-0.9 clips more aggressively). > 0.
+      ``"adaptive_scaling"`` (the rule above), ``"mean"`` (the EMA mean) or
+      ``"max"`` (``mean + z_thresh * std``). Ignored in mode
+      ``"percentile"``.
+    clip_factor: multiplies the whole ``"adaptive_scaling"`` clip value,
+      mean included (below 1 clips harder); > 0.
     skip_update_on_spike: if True, a spike leaves the statistics unchanged
       instead of feeding them the clip value.
     max_consecutive_spikes: None (the reference's behaviour), or an integer
       N in [1, 2**31 - 1]: after N spikes in a row the statistics restart
-      their warm-up (``count``, ``mean`` and ``var`` as at init; the
-      telemetry counters are kept and ``restart_count`` goes up), so that the
-      next
-      ``warmup_steps`` norms seed them afresh. Without it, a norm that jumps
-      to a new level and stays there (or a ``clip_factor < 1``, which feeds
-      the statistics less than the threshold) can leave every later step a
-      spike, clipped to a stale mean for good.
+      their warm-up, for a norm that moved to a new level and stays there
+      (:ref:`zclip-level-shift`).
     axis_name: a mesh axis name (or tuple of names) over which the squared
-      norm is ``psum``-ed before the square root, for use inside
-      `jax.shard_map` or `jax.pmap` when each device holds a slice of the
-      gradients; every leaf must then be split over those axes (a
-      replicated leaf would be counted once per device). Leave None on one
-      device, for replicated gradients (data parallelism after a ``pmean``),
-      and under sharded `jax.jit`, where the norm is already global.
+      norm is ``psum``-ed, inside `jax.shard_map` or `jax.pmap` when each
+      device holds a slice of every gradient. Leave None on one device, for
+      replicated gradients and under sharded `jax.jit`
+      (:doc:`/guides/distributed`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ZClipState`.
 
   Raises:
-    ValueError: if a hyperparameter given as a Python or NumPy number, a
-      string or a concrete (non-traced) jax array is out of its range (float
-      arguments are checked as float32 values); the message names the
-      argument. When ``update`` is traced, if a leaf of the updates is not
-      floating point.
+    ValueError: if a hyperparameter given as a number, a string or a
+      concrete (non-traced) array is out of its range; the message names
+      the argument. When ``update`` is traced, if a leaf of the updates is
+      not floating point.
 
   Example:
     >>> import jax.numpy as jnp
@@ -251,8 +203,8 @@ def zclip(
 
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-    <https://arxiv.org/abs/2504.02507>`_, 2025. Reference code:
-    https://github.com/bluorion-com/ZClip
+    <https://arxiv.org/abs/2504.02507>`_, 2025; the authors' code,
+    `bluorion-com/ZClip <https://github.com/bluorion-com/ZClip>`_.
   """
   mode = _validation.check_choice("mode", mode, MODES)
   clip_option = _validation.check_choice("clip_option", clip_option,
@@ -277,41 +229,42 @@ def zclip(
   def update_fn(updates, state, params=None):
     del params
     _validation.check_state("zclip", state, ZClipState)
-    a = _numerics.as_f32(alpha)
-    zt = _numerics.as_f32(z_thresh)
-    e = _numerics.as_f32(eps)
+    alpha_f32 = _numerics.as_f32(alpha)
+    z_thresh_f32 = _numerics.as_f32(z_thresh)
+    eps_f32 = _numerics.as_f32(eps)
     mean, var = state.mean, state.var
     std = jnp.sqrt(var)
 
-    g = _numerics.global_norm(updates, axis_name)
-    finite = jnp.isfinite(g)
+    grad_norm = _shared_norms.global_norm(updates, axis_name)
+    finite = jnp.isfinite(grad_norm)
     warm = state.count < warmup_steps
-    z = _zscore(g, mean, std, e)
+    z_score = _zscore(grad_norm, mean, std, eps_f32)
 
     if mode == "zscore":
-      bound = mean + zt * (std + e)
-      is_spike = z > zt
+      bound = mean + z_thresh_f32 * (std + eps_f32)
+      is_spike = z_score > z_thresh_f32
       if clip_option == "adaptive_scaling":
         # Only read on a spike, where z > z_thresh > 0; the placeholder keeps
         # the unused branch free of 0/0.
-        safe_z = jnp.where(is_spike, z, 1.0)
-        c = (mean + zt * zt * std / safe_z) * _numerics.as_f32(clip_factor)
+        safe_z = jnp.where(is_spike, z_score, 1.0)
+        clip_value = ((mean + z_thresh_f32 * z_thresh_f32 * std / safe_z)
+                      * _numerics.as_f32(clip_factor))
       elif clip_option == "mean":
-        c = mean
+        clip_value = mean
       else:
-        c = mean + zt * std
+        clip_value = mean + z_thresh_f32 * std
     else:
-      bound = mean + zt * std
-      is_spike = g > bound
-      c = bound
+      bound = mean + z_thresh_f32 * std
+      is_spike = grad_norm > bound
+      clip_value = bound
     is_spike = is_spike & finite & ~warm
     # Statistics fed with norms up to float32's max (see below) would make
-    # `c` overflow with clip_factor > 1.
-    c = jnp.minimum(c, _numerics.F32_MAX)
+    # `clip_value` overflow with clip_factor > 1.
+    clip_value = jnp.minimum(clip_value, _numerics.F32_MAX)
 
     # The limit the z-score rule sets, then the cap over it. The cap decided
     # a step when it is below the rule's limit and the norm is above it.
-    rule_limit = jnp.where(is_spike, c, g)
+    rule_limit = jnp.where(is_spike, clip_value, grad_norm)
     limit = rule_limit
     threshold = jnp.where(warm, jnp.inf, bound)
     by_cap = jnp.zeros([], bool)
@@ -319,24 +272,26 @@ def zclip(
       cap = _numerics.as_f32(max_grad_norm)
       limit = jnp.minimum(rule_limit, cap)
       threshold = jnp.minimum(threshold, cap)
-      by_cap = finite & (g > cap) & (cap < rule_limit)
-    scale = _numerics.clip_scale(g, limit, e)
+      by_cap = finite & (grad_norm > cap) & (cap < rule_limit)
+    scale = _numerics.clip_scale(grad_norm, limit, eps_f32)
     updates = _numerics.scale_tree(updates, scale)
 
     # Statistics. Warm-up: running (Welford) mean and population variance of
     # the raw norms, so that after `warmup_steps` norms they equal the
-    # reference's buffer mean/variance. Afterwards: EMA of x, the clip value
-    # on a spike (not capped by max_grad_norm, as in the reference), else g.
-    n = (state.count + 1).astype(F32)
-    delta = g - mean
-    w_mean = mean + delta / n
-    w_var = var + (delta * (g - w_mean) - var) / n
-    # The EMA in increment form, `v + (1 - a) * (x - v)`, equal to `a * v +
-    # (1 - a) * x`: it cannot overflow for statistics near float32's max,
-    # where XLA may fold the latter into `(v + x) * 0.5` for alpha = 0.5.
-    x = jnp.where(is_spike, c, g)
-    e_mean = mean + (1 - a) * (x - mean)
-    e_var = var + (1 - a) * (jnp.square(x - e_mean) - var)
+    # reference's buffer mean/variance. Afterwards: EMA of `fed_norm`, the
+    # clip value on a spike (not capped by max_grad_norm, as in the
+    # reference), else the norm.
+    seen = (state.count + 1).astype(F32)
+    delta = grad_norm - mean
+    warmup_mean = mean + delta / seen
+    warmup_var = var + (delta * (grad_norm - warmup_mean) - var) / seen
+    # The EMA in increment form, `v + (1 - alpha) * (x - v)`, equal to
+    # `alpha * v + (1 - alpha) * x`: it cannot overflow for statistics near
+    # float32's max, where XLA may fold the latter into `(v + x) * 0.5` for
+    # alpha = 0.5.
+    fed_norm = jnp.where(is_spike, clip_value, grad_norm)
+    ema_mean = mean + (1 - alpha_f32) * (fed_norm - mean)
+    ema_var = var + (1 - alpha_f32) * (jnp.square(fed_norm - ema_mean) - var)
     keep = ~finite | (is_spike & skip_update_on_spike)
     # A finite norm may be as large as float32's max (global_norm), and its
     # square overflows. The statistics saturate there instead of becoming
@@ -344,9 +299,10 @@ def zclip(
     # NaN, and would never decay afterwards.
     top = _numerics.F32_MAX
     new_mean = jnp.where(keep, mean,
-                         jnp.minimum(jnp.where(warm, w_mean, e_mean), top))
+                         jnp.minimum(jnp.where(warm, warmup_mean, ema_mean),
+                                     top))
     new_var = jnp.where(keep, var,
-                        jnp.minimum(jnp.where(warm, w_var, e_var), top))
+                        jnp.minimum(jnp.where(warm, warmup_var, ema_var), top))
 
     count = _numerics.increment_where(finite, state.count)
     in_a_row = jnp.where(
@@ -365,9 +321,9 @@ def zclip(
         count=count,
         mean=new_mean,
         var=new_var,
-        grad_norm=g,
-        clipped_norm=g * scale,
-        z_score=jnp.where(warm, 0.0, z).astype(F32),
+        grad_norm=grad_norm,
+        clipped_norm=grad_norm * scale,
+        z_score=jnp.where(warm, 0.0, z_score).astype(F32),
         threshold=threshold.astype(F32),
         spike_count=_numerics.increment_where(is_spike, state.spike_count),
         nonfinite_count=_numerics.increment_where(~finite,
