@@ -21,7 +21,7 @@ class AdaGCState(NamedTuple):
   """State of `adagc`: one reference norm per tensor, plus telemetry.
 
   `optax_zclip.stats` reports every field but ``gamma``, as
-  ``adagc/<field>``.
+  ``adagc/<field>`` (:ref:`telemetry-names`).
 
   Attributes:
     count: int32 scalar, number of steps whose global norm was finite (as
@@ -73,16 +73,15 @@ def adagc(
     eps: jax.typing.ArrayLike = 1e-6,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
-  r"""AdaGC: clips each tensor against its own EMA of past clipped norms.
+  r"""Clips each tensor against its own EMA of past clipped norms (AdaGC).
 
-  Where ZClip watches one global norm, AdaGC keeps a reference norm
+  Where `zclip` watches one global norm, AdaGC keeps a reference norm
   ``gamma_i`` per tensor (leaf) and clips each tensor separately, so a spike
   confined to one layer is caught even when the global norm barely moves.
   The rule is that of the authors' released code (their Megatron-LM patch).
 
   During the first ``warmup_steps`` steps the whole update is clipped to the
-  global norm ``max_grad_norm`` (factor ``min(1, max_grad_norm / (G +
-  eps))``, ``G`` the global norm) and ``gamma_i`` is the running minimum of
+  global norm ``max_grad_norm`` and ``gamma_i`` is the running minimum of
   tensor i's clipped norm. Afterwards, with ``n_i`` the tensor's norm,
 
   .. math::
@@ -94,67 +93,34 @@ def adagc(
     \gamma_i \leftarrow \beta \gamma_i
       + (1 - \beta) \min(n_i, \lambda_{rel} \gamma_i).
 
-  The EMA is fed the clipped norm ``min(n_i, lambda_rel * gamma_i)``
-  exactly, as the authors' code does, not ``h_i * n_i``: the two differ by
-  the factor ``n_i / (n_i + eps)``, which would drag ``gamma_i`` of a
-  tensor whose norm is near ``eps`` down on every clipped step.
-
-  Beyond the authors' code:
-
-  * Norms are accumulated in float32 whatever the updates' dtype; the
-    updates keep their dtype; ``gamma`` is float32. A finite tensor has a
-    finite norm however large (a float32 sum of squares that overflows is
-    redone after rescaling, only on such a step), so a 1e20 tensor is
-    clipped, not passed through as non-finite.
-  * A step whose global norm is NaN or Inf is not a step: ``count`` and
-    every ``gamma_i`` stay as they were and ``nonfinite_count`` goes up, so
-    the run continues as if the step had not happened (the authors'
-    float16 setup skips such a step before clipping). During warm-up, when
-    the clip factor is undefined, its updates pass through; afterwards its
-    finite tensors are still clipped against their ``gamma_i`` and its
-    non-finite tensors pass through unscaled, so that
-    `optax.apply_if_finite` can skip the step.
-  * A tensor whose norm is exactly 0 (frozen, or masked) is not an
-    observation: its ``gamma_i`` stays as it is, rather than collapsing to
-    0 and zeroing that tensor for the rest of training.
-  * ``gamma_i`` starts at ``inf`` (the authors' "no state yet"). A tensor
-    first seen with a finite, non-zero norm after warm-up starts from
-    ``gamma_i = n_i`` and the rule above applies, so with ``lambda_rel >=
-    1`` it passes unclipped.
-  * ``max_grad_norm=None`` leaves warm-up steps unclipped (the authors'
-    code runs only with a cap), and ``eps`` may be 0.
+  A step whose global norm is NaN or Inf leaves ``count`` and every
+  ``gamma_i`` as they were, and a tensor whose norm is 0 leaves its own.
+  The rule in full, and where it goes beyond the authors' code:
+  :ref:`adagc-rule`.
 
   Args:
     lambda_rel: relative clipping threshold: a tensor is clipped when its
-      norm exceeds ``lambda_rel * gamma_i``. > 0. The default 1.04 is the
-      authors' released code's (``--clip-ratio`` in their Megatron-LM
-      patch, ``clip_ratio`` of Paddle's ``ClipGradByAdaptiveNorm``); the
-      paper's first version used 1.05.
-    beta: EMA smoothing of ``gamma``, in (0, 1). The default 0.99 is the
-      released code's (``--clip-beta``, Paddle's ``beta``); the paper's first
-      version used 0.98.
+      norm exceeds ``lambda_rel * gamma_i``; > 0.
+    beta: EMA smoothing of ``gamma``, in (0, 1).
     warmup_steps: steps of global-norm clipping that seed ``gamma``; an
-      integer in [1, 2**31 - 1]. The default 100 is the released code's
-      (``start_clip_steps``) and the paper's.
+      integer in [1, 2**31 - 1].
     max_grad_norm: the global norm cap during warm-up (the paper's
-      ``lambda_abs``, Megatron-LM's ``--clip-grad``, 1.0 in the authors'
-      scripts); None or inf for no cap. > 0.
-    eps: added to the norms in the denominators; finite and >= 0. The
-      default 1e-6 is the Megatron-LM patch's (Paddle's is 1e-8).
-    axis_name: a mesh axis name (or tuple of names) over which the per-tensor
-      squared norms are ``psum``-ed (in one collective), inside
+      ``lambda_abs``); None or inf for no cap; > 0.
+    eps: added to the norms in the denominators; finite and >= 0.
+    axis_name: a mesh axis name (or tuple of names) over which the
+      per-tensor squared norms are ``psum``-ed (in one collective), inside
       `jax.shard_map` or `jax.pmap` when each device holds a slice of every
       tensor. Leave None on one device, for replicated gradients and under
-      sharded `jax.jit`.
+      sharded `jax.jit` (:doc:`/guides/distributed`).
 
   Returns:
     An `optax.GradientTransformation` whose state is an `AdaGCState`.
 
   Raises:
-    ValueError: if a hyperparameter given as a Python or NumPy number or a
-      concrete (non-traced) jax array is out of its range (float arguments
-      are checked as float32 values); the message names the argument. When
-      ``update`` is traced, if a leaf of the updates is not floating point.
+    ValueError: if a hyperparameter given as a number or a concrete
+      (non-traced) array is out of its range; the message names the
+      argument. When ``update`` is traced, if a leaf of the updates is not
+      floating point.
 
   Example:
     >>> import jax.numpy as jnp

@@ -21,7 +21,7 @@ class AutoClipState(NamedTuple):
   """State of `autoclip`: a ring buffer of recent norms, plus telemetry.
 
   `optax_zclip.stats` reports every field but ``history``, as
-  ``autoclip/<field>``.
+  ``autoclip/<field>`` (:ref:`telemetry-names`).
 
   Attributes:
     count: int32 scalar, number of finite norms recorded so far (the
@@ -72,23 +72,15 @@ def autoclip(
     window: int = 1024,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
-  """AutoClip: clips the global norm to a percentile of the norms seen so far.
+  """Clips the global norm to a percentile of the norms seen so far (AutoClip).
 
-  Each step records the global norm ``g`` in a history, then clips the
-  update to the ``percentile``-th percentile of that history, the current
-  norm included (NumPy's default, linear interpolation): the update is
-  multiplied by ``threshold / g`` when ``g > threshold``. The paper keeps
-  every norm since the start; here the history is a ring buffer of the last
-  ``window`` norms so that the state has a static shape, which equals the
-  paper's rule for the first ``window`` steps. The ZClip paper uses AutoClip
-  (with the 10th percentile) as its adaptive baseline.
-
-  A NaN or Inf norm is not recorded: the history stays as it was,
-  ``nonfinite_count`` goes up, and the update passes through untouched for
-  `optax.apply_if_finite` to catch. Norms are accumulated in float32; the
-  updates keep their dtype. A finite gradient has a finite norm however
-  large (a float32 sum of squares that overflows is redone after rescaling,
-  only on such a step), so a 1e20 gradient is recorded and clipped.
+  Each step records the global norm ``g`` in a history, then multiplies the
+  updates by ``threshold / g`` when ``g`` exceeds ``threshold``, the
+  ``percentile``-th percentile of the history, the current norm included
+  (NumPy's linear interpolation). The paper keeps every norm; here the
+  history is a ring buffer of the last ``window``, so that the state has a
+  static shape. A NaN or Inf norm is not recorded and passes the updates
+  through untouched. More in :ref:`autoclip-rule`.
 
   Args:
     percentile: the percentile of the history to clip to, in [0, 100].
@@ -97,8 +89,9 @@ def autoclip(
       it in ``static_args``).
     axis_name: a mesh axis name (or tuple of names) over which the squared
       norm is ``psum``-ed, inside `jax.shard_map` or `jax.pmap` when each
-      device holds a slice of the gradients. Leave None on one device, for
-      replicated gradients and under sharded `jax.jit`.
+      device holds a slice of every gradient. Leave None on one device, for
+      replicated gradients and under sharded `jax.jit`
+      (:doc:`/guides/distributed`).
 
   Returns:
     An `optax.GradientTransformation` whose state is an `AutoClipState`.

@@ -21,7 +21,7 @@ class ClipByGlobalNormState(NamedTuple):
   """State of `clip_by_global_norm`: telemetry only (the rule has no memory).
 
   Every field is a scalar, and `optax_zclip.stats` reports all of them, as
-  ``clip/<field>``.
+  ``clip/<field>`` (:ref:`telemetry-names`).
 
   Attributes:
     count: int32, number of steps whose global norm was finite (steps with a
@@ -53,40 +53,25 @@ def clip_by_global_norm(
     *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformation:
-  """Clips the global gradient norm to ``max_norm``, and logs what it did.
+  """Clips updates using their global norm, and logs what it did.
 
   A drop-in for `optax.clip_by_global_norm`: when the global L2 norm ``g`` of
-  the updates exceeds ``max_norm`` they are multiplied by ``max_norm / g``,
-  else left alone. On float32 updates the result equals optax's (within
-  float32 rounding). Beyond it:
-
-  * The norm is accumulated in float32 whatever the updates' dtype (optax
-    squares bf16 gradients in bf16), and the updates keep their dtype. A
-    finite gradient has a finite norm however large (a float32 sum of
-    squares that overflows is redone after rescaling, only on such a step),
-    so a 1e20 gradient is clipped, not passed through as non-finite.
-  * The scale is one float32 scalar multiplied into each leaf, which XLA
-    folds into the optimizer's own elementwise pass: one read of the
-    gradients for the norm and no clipped copy of them (optax's version
-    divides and selects per element and writes the clipped gradients out).
-  * A NaN or Inf norm passes the updates through untouched (optax would
-    turn them all into NaN) and counts the step in ``nonfinite_count``, so
-    that `optax.apply_if_finite` can skip it.
-  * The state records the norm before and after, the threshold and how many
-    steps were clipped, for `optax_zclip.stats`: with ``max_norm=None``
-    nothing is clipped and the transform only measures, so that a run
-    without clipping logs the same numbers as one with it.
-
-  No ``eps`` is needed in the scale: it is only applied when ``g > max_norm >
-  0``.
+  the updates exceeds ``max_norm``, they are multiplied by ``max_norm / g``;
+  on float32 updates the result equals optax's within rounding. The norm is
+  accumulated in float32 and stays finite for any finite gradient, a NaN or
+  Inf step passes through untouched (for `optax.apply_if_finite`), and the
+  state records the norms before and after for `optax_zclip.stats`; with
+  ``max_norm=None`` the transform only measures. How it differs from
+  optax's, and why: :ref:`fixed-threshold`.
 
   Args:
     max_norm: the largest global norm let through; > 0, or None (or inf)
       to measure and log without clipping.
     axis_name: a mesh axis name (or tuple of names) over which the squared
-      norm is ``psum``-ed before the square root, inside `jax.shard_map` or
-      `jax.pmap` when each device holds a slice of the gradients. Leave None
-      on one device, for replicated gradients and under sharded `jax.jit`.
+      norm is ``psum``-ed, inside `jax.shard_map` or `jax.pmap` when each
+      device holds a slice of every gradient. Leave None on one device, for
+      replicated gradients and under sharded `jax.jit`
+      (:doc:`/guides/distributed`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a
@@ -129,10 +114,12 @@ def clip_by_global_norm(
     g_norm = _numerics.global_norm(updates, axis_name)
     finite = jnp.isfinite(g_norm)
     threshold = _numerics.as_f32(jnp.inf if max_norm is None else max_norm)
-    # With max_norm=None the scale is always 1, but it is still applied:
-    # otherwise XLA:CPU merges the norm's squares with the optimizer's own
-    # (AdamW squares the same gradients) and writes them to memory, which
-    # triples the cost of the step; squaring scaled gradients keeps them apart.
+    # With max_norm=None the scale is always 1, but it is still applied, so
+    # that measuring alone compiles to the same step as clipping: the norm's
+    # squares stay apart from the optimizer's own squares of the same
+    # gradients, which XLA would otherwise be free to merge and write to
+    # memory. tests/test_hlo.py (test_scaling_fuses_into_adamw,
+    # "measure_only") checks that it adds no pass over the gradients.
     scale = _numerics.clip_scale(g_norm, threshold)
     updates = _numerics.scale_tree(updates, scale)
     new_state = ClipByGlobalNormState(
