@@ -1,5 +1,6 @@
 """`autoclip` step by step against `np.percentile` over the kept norms."""
 
+import bad_values
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,12 +118,7 @@ def test_axis_name_plumbing():
     np.testing.assert_allclose(out, halves * scale, rtol=1e-5)
 
 
-BAD = [("percentile", -1.0), ("percentile", 100.5), ("percentile", np.nan),
-       ("window", 0), ("window", 2.0), ("window", True),
-       ("window", jnp.asarray(8))]
-
-
-@pytest.mark.parametrize("name,value", BAD, ids=[f"{n}={v}" for n, v in BAD])
-def test_bad_hyperparameter_raises_naming_it(name, value):
-  with pytest.raises(ValueError, match=f"`{name}`"):
-    optax_zclip.autoclip(**{name: value})
+# Its rows of the one table of bad values (bad_values.py).
+@pytest.mark.parametrize("fn,arg,value", bad_values.cases("autoclip"))
+def test_bad_hyperparameter_raises_naming_it(fn, arg, value):
+  bad_values.assert_refused(fn, arg, value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import bad_values
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -399,29 +400,17 @@ def test_hyperparameter_types_accepted():
                                     expected)
 
 
-@pytest.mark.parametrize("window", [0, 1, -5, 2.0, 10.5, True, None, "10",
-                                    [10]])
-def test_bad_window(window):
-  for fn in (spike_mask, spike_score, count_spikes):
-    with pytest.raises(ValueError, match="`window` must be an integer >= 2"):
-      fn([1.0, 2.0, 3.0], window=window)
+# What each argument's message says.
+BAD_MESSAGES = {"window": "^`window` must be an integer >= 2",
+                "n_sigma": "^`n_sigma` must be finite and > 0",
+                "losses": "^`losses` must be "}
 
 
-@pytest.mark.parametrize("n_sigma", [0, 0.0, -1.0, INF, NAN, None, "7",
-                                     [7.0]])
-def test_bad_n_sigma(n_sigma):
-  for fn in (spike_mask, spike_score, count_spikes):
-    with pytest.raises(ValueError, match="`n_sigma` must be finite and > 0"):
-      fn([1.0, 2.0, 3.0], n_sigma=n_sigma)
-
-
-@pytest.mark.parametrize("losses", [
-    3.0, np.zeros((2, 3)), [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
-    [1.0, None], [[1.0], [1.0, 2.0]], "loss"])
-def test_bad_losses(losses):
-  for fn in (spike_mask, spike_score, count_spikes):
-    with pytest.raises(ValueError, match="`losses`"):
-      fn(losses)
+# The metrics' rows of the one table of bad values (bad_values.py).
+@pytest.mark.parametrize("fn,arg,value", bad_values.cases(*bad_values.METRICS))
+def test_bad_argument(fn, arg, value):
+  with pytest.raises(ValueError, match=BAD_MESSAGES[arg]):
+    bad_values.call_with(fn, arg, value)
 
 
 def test_bad_window_message():
