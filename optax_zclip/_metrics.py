@@ -188,28 +188,15 @@ def spike_mask(losses: Any, window: int = 1000,
   """Which steps of a loss curve are loss spikes.
 
   Step ``t`` is flagged when ``losses[t] > m + n_sigma * s``, where ``m`` and
-  ``s`` are the mean and the population standard deviation (divided by N, not
-  N - 1) of the finite losses among the ``window`` steps immediately before
-  it, ``losses[max(0, t - window):t]``, provided there are at least 2 of them.
-  So the first two steps are never flagged for a finite loss, and a window
-  whose losses are all equal (``s == 0``) flags any strictly larger loss.
+  ``s`` are the mean and the population standard deviation (divided by N) of
+  the finite losses among the ``window`` steps before it,
+  ``losses[max(0, t - window):t]``, provided there are at least 2 of them.
+  A NaN or ``+inf`` loss is always flagged, a ``-inf`` loss never; neither
+  enters the windows of later steps.
 
-  Non-finite losses: a NaN or ``+inf`` loss is always flagged (a diverged
-  step is a spike, whatever came before it); a ``-inf`` loss is never
-  flagged. Neither takes part in the window statistics of later steps: a
-  window's mean and standard deviation use only its finite losses, and a
-  step whose window holds fewer than 2 finite losses is flagged only if its
-  own loss is NaN or ``+inf``.
-
-  Each window's mean and standard deviation are computed from its own losses
-  only, with no sums that cancel, so a huge loss (1e8, 1e300: a diverging
-  run) changes the statistics of the windows that hold it and of no other.
-  Runs in O(n log(window)) time on n losses (a million steps with a window
-  of 1000 take one or two seconds): the steps are cut into blocks of ``window``
-  steps, each window is the end of one block followed by the start of the
-  next, and the statistics of every block start and block end come from a
-  doubling scan that merges partial means and sums of squared deviations,
-  each scaled by a power of two so that squaring cannot overflow.
+  Each window's statistics come from its own losses only, scaled so that no
+  square overflows, so a huge loss changes no window without it. How it is
+  computed, and what it costs: :ref:`telemetry-scoring`.
 
   Args:
     losses: the loss of each step, a 1-D array-like (a list, a NumPy or a JAX

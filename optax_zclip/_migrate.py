@@ -71,22 +71,18 @@ def migrate_state(restored: Any, template: Any) -> Any:
   """An optimizer state restored from an older checkpoint, in today's layout.
 
   A release may add fields to a state of this package (0.2.0 added
-  ``capped`` and ``cap_count`` to `ZClipState` and `AdaGCState`), and a
-  checkpoint written before it cannot be restored into a target made from
-  today's ``tx.init``. Restore it without a target (the tree as saved) and
-  pass it here with a fresh state of the same optimizer: every value the
-  checkpoint holds is kept, bit for bit, and a field it lacks takes its
-  value from ``template``, that is from ``init`` (the added counters start
-  from 0 at the restore)::
+  ``capped`` and ``cap_count`` to `ZClipState` and `AdaGCState`). Restore
+  such a checkpoint without a target (the tree as saved) and pass it here
+  with a fresh state of the same optimizer: every value the checkpoint holds
+  is kept, bit for bit, and a field it lacks takes ``template``'s value::
 
     restored = ckptr.restore(path)                 # no target: as saved
     opt_state = optax_zclip.migrate_state(restored["opt_state"],
                                           tx.init(params))
 
-  Only the fields of this package's states may be missing; any other
-  difference between the checkpoint and ``template`` (a leaf of the
-  optimizer the checkpoint lacks or has in excess, another shape or dtype)
-  is an error, since it means the checkpoint is of another optimizer.
+  Only fields of this package's states may be missing; any other difference
+  means a checkpoint of another optimizer, and is an error
+  (:ref:`older-checkpoint`).
 
   Args:
     restored: the optimizer state as restored from the checkpoint: as
@@ -117,6 +113,10 @@ def migrate_state(restored: Any, template: Any) -> Any:
     >>> new = optax_zclip.migrate_state(old, state)
     >>> type(new[0]).__name__, int(new[0].cap_count)
     ('ZClipState', 0)
+
+  References:
+    Orbax's restore without a target, which gives the tree as saved:
+    `Orbax checkpointing <https://orbax.readthedocs.io/>`_.
   """
   given = {_path(p): v for p, v in
            jax.tree_util.tree_flatten_with_path(restored)[0]}

@@ -37,7 +37,7 @@ def loggable_state(name: str, fields: tuple[str, ...],
 
   Put it on the ``NamedTuple`` state of a transform to make `stats` find that
   state anywhere in an optimizer state and log it; nothing else needs to
-  know about the transform.
+  know about the transform (:ref:`telemetry-own-transform`).
 
   Args:
     name: the state's kind, a short name that prefixes every key `stats`

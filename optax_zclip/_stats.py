@@ -141,18 +141,12 @@ def _check_holds_optimizer_state(tree: Any) -> None:
 def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
   """Telemetry of the clipping transform(s) inside an optimizer state.
 
-  Searches any nesting of optimizer states, such as `optax.chain`,
-  `optax.inject_hyperparams`, `optax.MultiSteps`, `optax.apply_if_finite`,
-  a Flax ``nnx.Optimizer`` (pass the optimizer, its ``opt_state``, or
-  ``nnx.state(optimizer)``), for the states of this package's transforms
-  (and of any state declared with `loggable_state`), and returns their
-  scalar fields as float32 / int32 scalars, ready to log. Pure, so it can
-  run inside `jax.jit` and return the values with the rest of a train step's
-  metrics.
-
-  Every key is ``<kind>/<field>``, whatever else the optimizer holds, so
-  that a dashboard does not break when, say, the chain is wrapped in
-  `skip_spikes`. The kinds and their fields:
+  Finds the states of this package's transforms (and of any state declared
+  with `loggable_state`) in any nesting of optimizer states (`optax.chain`,
+  `optax.inject_hyperparams`, `optax.MultiSteps`, a Flax ``nnx.Optimizer``
+  or ``nnx.state`` of it, ...) and returns their scalar fields, ready to
+  log. Pure, so it can run inside `jax.jit`. Every key is
+  ``<kind>/<field>``:
 
   * ``zclip/`` (`zclip`): ``count``, ``mean``, ``var``, ``grad_norm``,
     ``clipped_norm``, ``z_score``, ``threshold``, ``spike_count``,
@@ -169,11 +163,11 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
     ``norm_threshold``; the states inside the optimizer it wraps report
     their own keys.
 
-  When one kind occurs more than once (say, one ZClip per parameter group
-  with `optax.multi_transform`), the kind is followed by the state's path in
-  brackets, ``"zclip[inner_states.embed.inner_state.0]/grad_norm"``. The keys
-  are the same whether ``opt_state`` is an ``nnx.Optimizer`` or
-  ``nnx.state`` of it.
+  A kind that occurs more than once (one ZClip per parameter group) is
+  followed by the state's path in brackets,
+  ``"zclip[inner_states.embed.inner_state.0]/grad_norm"``. The meaning of
+  each key is in :ref:`telemetry-names`; where `stats` looks, in
+  :ref:`telemetry-where`.
 
   Args:
     opt_state: an optimizer state, or any pytree containing one.
@@ -186,12 +180,8 @@ def stats(opt_state: Any, default: Any = None) -> dict[str, jax.Array]:
 
   Raises:
     TypeError: if ``opt_state`` holds leaves but no optimizer state at all
-      (no optax state, which is always a ``NamedTuple``, and no
-      ``nnx.Optimizer`` or its variables): a model or a params tree, None,
-      a number or a string passed by mistake, which would otherwise
-      surface later as a missing key. An optimizer state without a
-      clipping transform returns ``default``, and so does an empty one
-      (``optax.chain()``'s, ``()``).
+      (a model, a params tree, None or a number passed by mistake). An
+      optimizer state without a clipping transform returns ``default``.
 
   Example:
     >>> import jax.numpy as jnp

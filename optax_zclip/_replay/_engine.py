@@ -170,28 +170,15 @@ def replay(norms: Any, losses: Any = None,
   """What each clipping rule would have done to a run, from its logged norms.
 
   Feeds the logged global gradient norms, step after step, to each method's
-  own transform from this package (a one-element gradient whose global norm
-  is the logged norm; for `skip_spikes`, the logged loss as ``value=``),
-  under one `jax.lax.scan`, and reads from its telemetry
-  (`optax_zclip.stats`) what it did. ZClip's and the skip rule's decisions
-  depend only on the series of norms and losses, so for a run that used
-  ZClip, replaying its logged pre-clip norms with its settings gives back
-  its thresholds and decisions exactly.
-
-  A replay is **open loop**: in a real run, clipping a step changes the
-  gradients after it, while here every method sees the norms the logged run
-  produced. It answers which steps a rule would have touched, and how hard,
-  not what the loss would have been.
-
-  The norms are taken in float32, as the transforms compute them. A NaN or
-  Inf norm (or loss) is a non-finite step, treated as the transform treats
-  it: the clipping transforms pass it through and leave their statistics
-  alone, `skip_spikes` skips it. Every group of methods of one kind that
-  differ only in numeric arguments (a sweep) runs as one compiled, vmapped
-  scan, compiled once: 100,000 steps of ZClip, the fixed threshold or the
-  skip rule take a fraction of a second on a CPU after a compilation of
-  about a second (AutoClip, which sorts its window of norms at every step,
-  about ten seconds).
+  own transform from this package (for `skip_spikes`, with the logged loss
+  as ``value=``), under one compiled `jax.lax.scan`, and reads from its
+  telemetry what it did. For a run that used ZClip, replaying its pre-clip
+  norms with its settings gives back its thresholds and decisions exactly.
+  A replay is open loop: every method sees the norms the logged run
+  produced, so it tells which steps a rule would have clipped, and how
+  hard, not what the loss would have been (:ref:`replay-python`; the
+  command ``optax-zclip replay LOG`` does the same on a log file, and
+  :ref:`replay-cost` says what a replay costs).
 
   Methods are named by spec strings (the command's syntax), or given as
   transforms:
@@ -212,12 +199,13 @@ def replay(norms: Any, losses: Any = None,
     possibly inside `skip_spikes`, optionally chained with an optimizer:
     ``{"zclip+skip": optax_zclip.skip_spikes(optax_zclip.zclip())}``.
 
-  `adagc` clips each tensor by its own norm history, which a log of the
-  global norm does not hold: it is refused with a `ValueError`.
+  `adagc`, which needs each tensor's norm, is refused.
 
   Args:
     norms: the logged global gradient norms (before clipping), one per step,
-      in order: a one-dimensional sequence of numbers >= 0, NaN or Inf.
+      in order: a one-dimensional sequence of numbers >= 0, NaN or Inf
+      (taken in float32; a NaN or Inf is a non-finite step, which each
+      method treats as its transform does).
     losses: None, or the logged losses, one per norm, for `skip_spikes`'
       loss test; None entries (or masked entries of a NumPy masked array)
       mark steps without a loss, which only the norm test sees. A NaN loss
@@ -270,7 +258,8 @@ def replay(norms: Any, losses: Any = None,
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
     <https://arxiv.org/abs/2504.02507>`_, 2025. The skip rule: OLMo-core's
-    ``SkipStepOptimizer`` (see `skip_spikes`).
+    ``SkipStepOptimizer`` (https://github.com/allenai/OLMo-core; see
+    `skip_spikes`).
   """
   try:
     g = np.asarray(norms, dtype=np.float64)
