@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from transforms import CLIPPERS, TRANSFORMS, no_loss, with_adamw
 from versions import measured_on
 
 import optax_zclip
@@ -64,18 +65,21 @@ def _counts(text):
 BARE = _counts(_compiled_text(optax.adamw(1e-3)))
 
 
+def _clipper(name):
+  """The registry's clipping transform ``name``, or ZClip's "mean" option."""
+  if name == "zclip_mean":
+    return optax_zclip.zclip(max_grad_norm=None, clip_option="mean")
+  return TRANSFORMS[name].make()
+
+
+# Every clipping transform of the registry (measure_only among them: a norm
+# must not add a pass; XLA:CPU would merge its squares with AdamW's and write
+# them out if the scale were dropped), and ZClip's "mean" option.
 @HLO_MEASURED
-@pytest.mark.parametrize("make", [
-    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
-    lambda: optax_zclip.zclip(max_grad_norm=None, clip_option="mean"),
-    lambda: optax_zclip.clip_by_global_norm(1.0),
-    # Measuring only: a norm must not add a pass (XLA:CPU would merge its
-    # squares with AdamW's and write them out if the scale were dropped).
-    lambda: optax_zclip.clip_by_global_norm(None)],
-                         ids=["zclip", "adagc", "autoclip", "zclip_mean",
-                              "clip_by_global_norm", "measure_only"])
-def test_scaling_fuses_into_adamw(make):
-  got = _counts(_compiled_text(optax.chain(make(), optax.adamw(1e-3))))
+@pytest.mark.parametrize("name", [*CLIPPERS, "zclip_mean"])
+def test_scaling_fuses_into_adamw(name):
+  got = _counts(_compiled_text(optax.chain(_clipper(name),
+                                           optax.adamw(1e-3))))
   for shape, bare in BARE.items():
     c = got[shape]
     # XLA:CPU may square a tiny leaf into a buffer of its own before the
@@ -169,13 +173,10 @@ BARE_STEP = _train_step_buffers(optax.adamw(1e-3))
 
 
 @HLO_MEASURED
-@pytest.mark.parametrize("make", [
-    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
-    lambda: optax_zclip.clip_by_global_norm(1.0)],
-                         ids=["zclip", "adagc", "autoclip",
-                              "clip_by_global_norm"])
-def test_a_normal_step_reads_the_gradients_once_for_the_norms(make):
-  text = _compiled_text(optax.chain(make(), optax.adamw(1e-3)))
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_a_normal_step_reads_the_gradients_once_for_the_norms(name):
+  text = _compiled_text(optax.chain(TRANSFORMS[name].make(),
+                                    optax.adamw(1e-3)))
   # The rescaled pass is a conditional's branch, not unconditional work...
   calls = re.findall(r" conditional\(.*branch_computations=\{([^}]*)\}",
                      _computation(text, "ENTRY"))
@@ -202,18 +203,15 @@ def test_the_read_count_sees_an_extra_pass():
 
 
 @HLO_MEASURED
-@pytest.mark.parametrize("make", [
-    optax_zclip.zclip, optax_zclip.adagc, optax_zclip.autoclip,
-    lambda: optax_zclip.clip_by_global_norm(1.0)],
-                         ids=["zclip", "adagc", "autoclip",
-                              "clip_by_global_norm"])
-def test_whole_train_step_adds_no_buffer(make):
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_whole_train_step_adds_no_buffer(name):
   # The norm reads the weight gradients where the backward pass's dots wrote
   # them and the scale folds into AdamW: no fusion and no copy beyond bare
   # AdamW's. (Bare AdamW even copies a weight that the backward pass still
   # reads after its gradient is ready; behind a global norm the update waits
   # for every gradient, so XLA needs no copy.)
-  got = _train_step_buffers(optax.chain(make(), optax.adamw(1e-3)))
+  got = _train_step_buffers(optax.chain(TRANSFORMS[name].make(),
+                                        optax.adamw(1e-3)))
   assert got["fusion"] == BARE_STEP["fusion"], (got, BARE_STEP)
   assert got["copy"] <= BARE_STEP["copy"], (got, BARE_STEP)
 
@@ -231,15 +229,16 @@ def test_whole_train_step_skip_spikes_adds_no_copy():
   assert got["copy"] <= BARE_STEP["copy"], (got, BARE_STEP)
 
 
-def _distinct_computations(tx, leaves):
+def _distinct_computations(tx, leaves, **extra):
   """How many different computations the compiled step of ``tx`` holds, on
   ``leaves`` bf16 leaves of one shape (names, metadata and the parameter
-  names left out, so that two leaves' identical kernels count once)."""
+  names left out, so that two leaves' identical kernels count once);
+  ``extra``: the update's other arguments."""
   params = [jnp.zeros((8, 16), jnp.bfloat16) for _ in range(leaves)]
   state = tx.init(params)
 
   def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   text = jax.jit(step, donate_argnums=(0, 1)).lower(
@@ -256,17 +255,8 @@ def _distinct_computations(tx, leaves):
   return len(bodies)
 
 
-def _adamw_after(make):
-  return lambda: optax.chain(make(), optax.adamw(1e-3))
-
-
-@pytest.mark.parametrize("make", [
-    _adamw_after(optax_zclip.zclip), _adamw_after(optax_zclip.adagc),
-    # No loss in this step: the norm test alone, asked for.
-    lambda: optax_zclip.skip_spikes(_adamw_after(optax_zclip.zclip)(),
-                                    loss_test=False)],
-    ids=["zclip", "adagc", "skip_spikes"])
-def test_leaves_of_one_shape_share_their_kernels(make):
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_leaves_of_one_shape_share_their_kernels(name):
   # XLA compiles a computation once for every leaf it fits, so compile time
   # grows with the number of distinct kernels. A per-leaf value sliced out
   # of a vector of all the leaves' norms (AdaGC did, before 0.2.0) puts a
@@ -274,8 +264,10 @@ def test_leaves_of_one_shape_share_their_kernels(make):
   # leaves: by 6 from 4 to 10 leaves. The computations over the vector of
   # all the norms (their stack, their sum) have a shape that depends on the
   # number of leaves, and XLA may split or merge one of them differently.
-  tx = make()
-  few, many = _distinct_computations(tx, 4), _distinct_computations(tx, 10)
+  tx = with_adamw(name, 1e-3)
+  # No loss in this step: a wrapper's norm test alone, asked for.
+  few, many = (_distinct_computations(tx, n, **no_loss(name))
+               for n in (4, 10))
   assert abs(many - few) <= 2
 
 

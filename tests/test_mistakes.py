@@ -272,7 +272,7 @@ def _own_and_wrong_states(name):
     tx, extra, fn = e.make(), {}, e.factory.__name__
   else:
     tx, extra = with_adamw(name), {"value": jnp.float32(2.5)}
-    fn = e.wrapper[0].__name__
+    fn = e.wrapper.factory.__name__
   own = tx.init(params)
   cls = type(own).__name__
   common = [f"{fn}: update() got ", f"not the {cls} its init() builds",

@@ -23,16 +23,18 @@ from references import SkipSpikesRef, ZClipRef, tree_norm64
 from test_donation import STEPS, _assert_bits_equal
 from test_skip import _skip_tx
 from test_stats import (
-  _FACTORIES,
   _KEYS,
-  _MAKERS,
+  DECLARED,
   KEYS,
   SKIP_KEYS,
   _check_against_reference,
   check_found,
+  make_declared,
   nesting_grads,
 )
 from transforms import (
+  CLIPPERS,
+  KINDS,
   SPIKE,
   TRANSFORMS,
   chain_state,
@@ -266,11 +268,11 @@ def _two_leaf_optimizer(tx):
 
 
 @pytest.mark.parametrize("kind", ["nnx", "nnx_state"])
-@pytest.mark.parametrize("name", list(_MAKERS))
+@pytest.mark.parametrize("name", DECLARED)
 def test_every_declared_state_is_found_in_an_nnx_optimizer(name, kind):
   grads = nesting_grads()
   model, optimizer = _two_leaf_optimizer(
-      optax.chain(_MAKERS[name](), optax.adamw(1e-3)))
+      optax.chain(make_declared(name), optax.adamw(1e-3)))
   for g in grads:
     optimizer.update(model, {"a": nnx.Param(jnp.asarray(g["a"])),
                              "b": nnx.Param(jnp.asarray(g["b"]))})
@@ -278,9 +280,9 @@ def test_every_declared_state_is_found_in_an_nnx_optimizer(name, kind):
   check_found(s, name, grads[-1], 4)
 
 
-@pytest.mark.parametrize("name", list(_FACTORIES))
+@pytest.mark.parametrize("name", CLIPPERS)
 def test_keys_read_from_an_nnx_optimizer_are_those_of_the_chain(name):
-  make, kind = _FACTORIES[name]
+  make, kind = TRANSFORMS[name].make, KINDS[name]
   for wrapped in (False, True):
     tx = optax.chain(make(), optax.adamw(1e-3))
     tx = optax_zclip.skip_spikes(tx, window=4) if wrapped else tx

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from references import SEQ, ZClipRef, tree_norm64
+from transforms import CLIPPERS, KINDS, TRANSFORMS
 
 import optax_zclip
 
@@ -142,9 +143,8 @@ def _max_abs():
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-# Each transform, its keys in stats() (written out: they are public API,
-# what dashboards are keyed on) and the float64 value of `grad_norm` (or of
-# the toy's `max_abs`) it must report for the last gradients seen.
+# Each kind of state, its keys in stats() (written out: they are public API,
+# what dashboards are keyed on).
 _KEYS = {
     "zclip": KEYS,
     "adagc": {"adagc/count", "adagc/grad_norm", "adagc/clipped_norm",
@@ -161,13 +161,19 @@ _KEYS = {
 SKIP_KEYS = {"skip/size", "skip/skipped", "skip/skip_count",
              "skip/nonfinite_count", "skip/grad_norm", "skip/loss_threshold",
              "skip/norm_threshold"}
-_MAKERS = {
-    "zclip": lambda: optax_zclip.zclip(warmup_steps=2),
-    "adagc": lambda: optax_zclip.adagc(warmup_steps=2),
-    "autoclip": lambda: optax_zclip.autoclip(window=4),
-    "clip": lambda: optax_zclip.clip_by_global_norm(1.0),
-    "maxabs": _max_abs,
-}
+
+# Every declared state's transform: the registry's clipping transforms, by
+# their entry's name, and the toy declared here.
+DECLARED = [*CLIPPERS, "maxabs"]
+
+
+def make_declared(name):
+  """The transform of ``name`` (one of `DECLARED`)."""
+  return _max_abs() if name == "maxabs" else TRANSFORMS[name].make()
+
+
+def _kind(name):
+  return "maxabs" if name == "maxabs" else KINDS[name]
 
 
 def _nest(kind, make):
@@ -204,10 +210,10 @@ def nesting_grads():
 @pytest.mark.parametrize("kind", ["chain", "inject", "inject_outer",
                                   "multisteps", "apply_if_finite",
                                   "multi_transform"])
-@pytest.mark.parametrize("name", list(_MAKERS))
+@pytest.mark.parametrize("name", DECLARED)
 def test_every_declared_state_is_found_in_every_nesting(name, kind):
   grads = nesting_grads()
-  tx = _nest(kind, _MAKERS[name])
+  tx = _nest(kind, lambda: make_declared(name))
   params = {k: jnp.zeros(v.shape) for k, v in grads[0].items()}
   if kind == "multi_transform":  # a frozen leaf next to the clipped ones
     params["c"] = jnp.zeros(5)
@@ -226,31 +232,23 @@ def test_every_declared_state_is_found_in_every_nesting(name, kind):
 
 
 def check_found(s, name, seen, real_steps):
-  """``s`` has ``name``'s keys, its norm (or max) of ``seen`` and count."""
-  assert set(s) == _KEYS[name]
-  if name == "maxabs":
+  """``s`` has the keys of ``name``'s kind, the float64 norm of ``seen`` as
+  its `grad_norm` (the toy: the max as its `max_abs`), and its count."""
+  kind = _kind(name)
+  assert set(s) == _KEYS[kind]
+  if kind == "maxabs":
     expected = max(np.abs(v).max() for v in seen.values())
     np.testing.assert_allclose(s["maxabs/max_abs"], expected, rtol=1e-6)
     np.testing.assert_allclose(s["maxabs/twice"], 2 * expected, rtol=1e-6)
   else:
-    np.testing.assert_allclose(s[f"{name}/grad_norm"],
+    np.testing.assert_allclose(s[f"{kind}/grad_norm"],
                                tree_norm64(seen.values()), rtol=1e-5)
-  assert int(s[f"{name}/count"]) == real_steps
+  assert int(s[f"{kind}/count"]) == real_steps
 
 
-# Each public clipping transform, built with its defaults, and its kind.
-_FACTORIES = {
-    "zclip": (optax_zclip.zclip, "zclip"),
-    "adagc": (optax_zclip.adagc, "adagc"),
-    "autoclip": (optax_zclip.autoclip, "autoclip"),
-    "clip_by_global_norm": (lambda: optax_zclip.clip_by_global_norm(1.0),
-                            "clip"),
-}
-
-
-@pytest.mark.parametrize("name", list(_FACTORIES))
+@pytest.mark.parametrize("name", CLIPPERS)
 def test_keys_are_prefixed_and_stay_the_same_when_the_chain_is_wrapped(name):
-  make, kind = _FACTORIES[name]
+  make, kind = TRANSFORMS[name].make, KINDS[name]
   params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
 
   def chain():

@@ -5,9 +5,9 @@ warm-ups (so that a short run passes through warm-up and into the adaptive
 rule), the kind its ``stats()`` keys carry, its float64 reference
 (references.py) and the facts about it that a suite needs. Every test that
 must hold for all transforms parametrizes over it (or over `CLIPPERS`, the
-entries that clip the gradients themselves); `test_donation.py` checks that
-it lists every public factory, and that each registry-driven suite runs every
-entry, so a new transform cannot be left out.
+entries that clip the gradients themselves); `test_transforms_list.py`
+checks that it lists every public factory, and that each registry-driven
+suite runs every entry, so a new transform cannot be left out.
 
 A transform that wraps the whole optimizer (`skip_spikes`) is listed with the
 transform it wraps the chain of, and its `Entry.wrapper` says how it wraps
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -68,6 +68,22 @@ def _global(pick: Callable[[Any], float]) -> Callable[..., list[float]]:
   return lambda model, leaves, g: [pick(model.step(g))] * len(leaves)
 
 
+class Wrapper(NamedTuple):
+  """How an entry's transform wraps the whole optimizer.
+
+  Attributes:
+    factory: the public factory, applied to ``chain(<the entry's
+      transform>, adamw)``.
+    config: its arguments here.
+    model: its float64 reference model (references.py), built with
+      ``config``.
+  """
+
+  factory: Callable[..., optax.GradientTransformation]
+  config: dict
+  model: Callable[..., Any]
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One transform of the registry, and what the suites need to know of it.
@@ -88,9 +104,8 @@ class Entry:
       given a schedule for (None: none is).
     static_args: the arguments `optax.inject_hyperparams` must leave static
       (a window size that sets a shape).
-    wrapper: for a transform that wraps the whole optimizer: its factory
-      (applied to ``chain(<this transform>, adamw)``) and arguments, and
-      its float64 reference model, which takes the same arguments.
+    wrapper: for a transform that wraps the whole optimizer, how it does
+      (None: it does not).
   """
 
   factory: Callable[..., optax.GradientTransformation]
@@ -102,7 +117,7 @@ class Entry:
   clips: bool = True
   scheduled: str | None = None
   static_args: tuple[str, ...] = ()
-  wrapper: tuple[Callable, dict, Callable] | None = None
+  wrapper: Wrapper | None = None
 
   @property
   def warmup(self) -> int:
@@ -139,8 +154,8 @@ TRANSFORMS = {
     # skip_spikes(chain(zclip, adamw)), as it is meant to be used.
     "skip_spikes": Entry(
         config=dict(warmup_steps=5), **_ZCLIP,
-        wrapper=(optax_zclip.skip_spikes, dict(window=8, sigma=3.0),
-                 SkipSpikesRef)),
+        wrapper=Wrapper(optax_zclip.skip_spikes, dict(window=8, sigma=3.0),
+                        SkipSpikesRef)),
 }
 
 # The entries that scale the gradients themselves, for the suites about
@@ -155,7 +170,7 @@ KINDS = {name: e.kind for name, e in TRANSFORMS.items()}
 
 # The public factory each entry exercises.
 FACTORIES = {f.__name__ for e in TRANSFORMS.values()
-             for f in [e.factory, *(e.wrapper or ())[:1]]}
+             for f in [e.factory] + ([e.wrapper.factory] if e.wrapper else [])}
 
 
 def with_adamw(name: str, learning_rate: float = 1e-2, **adamw_kwargs
@@ -163,7 +178,7 @@ def with_adamw(name: str, learning_rate: float = 1e-2, **adamw_kwargs
   """``optax.chain(<transform>, optax.adamw(learning_rate))``, wrapped."""
   e = TRANSFORMS[name]
   tx = optax.chain(e.make(), optax.adamw(learning_rate, **adamw_kwargs))
-  return tx if e.wrapper is None else e.wrapper[0](tx, **e.wrapper[1])
+  return tx if e.wrapper is None else e.wrapper.factory(tx, **e.wrapper.config)
 
 
 def no_loss(name: str) -> dict:
@@ -176,7 +191,7 @@ def no_loss(name: str) -> dict:
 def wrapper_reference(name: str) -> SkipSpikesRef | None:
   """A float64 reference of the wrapper's decisions, or None."""
   w = TRANSFORMS[name].wrapper
-  return None if w is None else w[2](**w[1])
+  return None if w is None else w.model(**w.config)
 
 
 def chain_state(name: str, opt_state):
