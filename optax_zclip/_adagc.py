@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _numerics, _validation
+from optax_zclip import _numerics, _shared_norms, _validation
 from optax_zclip._numerics import F32, AxisName
 from optax_zclip._registry import loggable_state
 
@@ -172,7 +172,7 @@ def adagc(
     b = _numerics.as_f32(beta)
     e = _numerics.as_f32(eps)
 
-    norms = _numerics.leaf_norm_list(updates, axis_name)
+    norms = _shared_norms.leaf_norm_list(updates, axis_name)
     norm_vector = _numerics.stack_norms(norms)
     g = _numerics.norm_of_norms(norm_vector)
     finite_g = jnp.isfinite(g)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _numerics, _validation
+from optax_zclip import _numerics, _shared_norms, _validation
 from optax_zclip._numerics import F32, AxisName
 from optax_zclip._registry import loggable_state
 
@@ -131,7 +131,7 @@ def autoclip(
   def update_fn(updates, state, params=None):
     del params
     _validation.check_state("autoclip", state, AutoClipState)
-    g = _numerics.global_norm(updates, axis_name)
+    g = _shared_norms.global_norm(updates, axis_name)
     finite = jnp.isfinite(g)
     history = _numerics.write_slot(state.history, state.count % window, g,
                                    finite)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _numerics, _validation
+from optax_zclip import _numerics, _shared_norms, _validation
 from optax_zclip._numerics import AxisName
 from optax_zclip._registry import loggable_state
 
@@ -111,7 +111,7 @@ def clip_by_global_norm(
     del params
     _validation.check_state("clip_by_global_norm", state,
                             ClipByGlobalNormState)
-    g_norm = _numerics.global_norm(updates, axis_name)
+    g_norm = _shared_norms.global_norm(updates, axis_name)
     finite = jnp.isfinite(g_norm)
     threshold = _numerics.as_f32(jnp.inf if max_norm is None else max_norm)
     # With max_norm=None the scale is always 1, but it is still applied, so

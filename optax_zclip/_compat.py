@@ -5,77 +5,40 @@ written once against the supported range (``pyproject.toml``'s floor to the
 newest release). Each helper says which releases differ and how; none of
 them compares version numbers, they test for the API itself.
 
-* The jaxpr interpreter that `skip_spikes` replays its inner update with
-  (`replay_jaxpr`): it reads jaxprs (``jax.extend.core``, equations, their
-  parameters and contexts), an internal format that JAX changes between
-  releases. It checks what it relies on and raises `ReplayUnsupported`,
-  naming the cause, on anything it does not know, so that `skip_spikes`
-  falls back to a plain (correct, costlier) select instead of failing.
+* What `_select` reads of a jaxpr: literals, an equation's bind parameters
+  and its source information. Jaxprs are an internal format of JAX; where
+  one of these is missing or changed shape, the helper raises
+  `JaxprApiChanged`, naming it, and `skip_spikes` selects after the fact
+  instead of failing.
 * `optimization_barrier`, which not every release can trace under every
   transformation.
-* The mesh helpers the multi-device tests and examples use: `shard_map`
-  and `set_mesh`, which moved and were renamed between releases.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
-try:  # jax.extend.core.Literal: in every release from 0.4.30 to 0.10.2.
+try:  # jax.extend.core.Literal: in every release from 0.4.36 to 0.12.
   from jax.extend import core as _jex_core
   _Literal = _jex_core.Literal
 except (ImportError, AttributeError):  # pragma: no cover (a moved API)
   _Literal = None
 
+try:  # jax.extend.source_info_util: in every release from 0.4.36 to 0.12.
+  from jax.extend import source_info_util as _source_info
+except ImportError:  # pragma: no cover (a moved API)
+  _source_info = None
 
-class ReplayUnsupported(Exception):
-  """The jaxpr replay cannot evaluate an update on this version of JAX.
 
-  The message names the cause: the construct or API that is missing or
-  behaved unexpectedly.
+class JaxprApiChanged(Exception):
+  """A part of JAX's jaxpr API that `_select` reads is missing or changed.
+
+  The message names it.
   """
-
-
-def _bind_params(eqn: Any) -> tuple[Sequence[Any], dict[str, Any]]:
-  """``(subfuns, params)`` to bind ``eqn``'s primitive with.
-
-  ``Primitive.get_bind_params`` returns the pair up to jax 0.9 and the
-  parameters alone (a dict) from 0.10 on.
-  """
-  got = eqn.primitive.get_bind_params(eqn.params)
-  if isinstance(got, dict):
-    return (), got
-  if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
-    return got
-  raise ReplayUnsupported(
-      f"get_bind_params of {eqn.primitive} returned a {type(got).__name__}")
-
-
-def _check_replayable(closed: Any) -> None:
-  """Raises `ReplayUnsupported` if the closed jaxpr ``closed`` uses anything
-  the replay does not know, before any of it is bound (so that nothing is
-  traced twice)."""
-  jaxpr = getattr(closed, "jaxpr", None)
-  if jaxpr is None or not hasattr(closed, "consts"):
-    raise ReplayUnsupported("make_jaxpr returned no ClosedJaxpr")
-  for name in ("constvars", "invars", "outvars", "eqns"):
-    if not hasattr(jaxpr, name):
-      raise ReplayUnsupported(f"a jaxpr has no `{name}`")
-  for eqn in jaxpr.eqns:
-    for name in ("primitive", "params", "invars", "outvars", "ctx"):
-      if not hasattr(eqn, name):
-        raise ReplayUnsupported(f"a jaxpr equation has no `{name}`")
-    if not hasattr(eqn.ctx, "manager"):
-      raise ReplayUnsupported("a jaxpr equation's context has no `manager`")
-    prim = eqn.primitive
-    for name in ("bind", "get_bind_params", "multiple_results"):
-      if not hasattr(prim, name):
-        raise ReplayUnsupported(f"the primitive {prim} has no `{name}`")
 
 
 def is_literal(atom: Any) -> bool:
@@ -83,67 +46,60 @@ def is_literal(atom: Any) -> bool:
   rather than a variable.
 
   Raises:
-    ReplayUnsupported: if this JAX has no ``jax.extend.core.Literal``.
+    JaxprApiChanged: if this JAX has no ``jax.extend.core.Literal``.
   """
   if _Literal is None:
-    raise ReplayUnsupported("jax.extend.core.Literal is missing")
+    raise JaxprApiChanged("jax.extend.core.Literal is missing")
   return isinstance(atom, _Literal)
 
 
-def replay_jaxpr(closed: Any, args: Sequence[Any],
-                 substitute: Callable[[Any, Any], Any]) -> list[Any]:
-  """Evaluates ``closed`` on ``args`` in the current trace, one equation at a
-  time, and returns the values of its outputs.
+def bind_params(eqn: Any) -> tuple[Sequence[Any], dict[str, Any]]:
+  """``(subfuns, params)`` to bind ``eqn``'s primitive with.
 
-  ``substitute(var, value)`` is called on every value an equation computes
-  and returns what its later readers (and the outputs) see instead.
-
-  Up to jax 0.9 a result that nothing reads is a ``DropVar`` (a ``Var``
-  subclass); 0.10 drops the class for plain ``Var``\\ s. Every result is
-  stored, read or not, so neither kind needs naming.
+  ``Primitive.get_bind_params`` returns the pair up to jax 0.9 and the
+  parameters alone (a dict) from 0.10 on.
 
   Raises:
-    ReplayUnsupported: if the jaxpr holds something this interpreter does
-      not know, or binding an equation fails (the update itself traced
-      without error when it was turned into ``closed``, so the failure is
-      the replay's); the message names the equation and the error.
+    JaxprApiChanged: if it returns anything else.
   """
-  _check_replayable(closed)
-  jaxpr = closed.jaxpr
-  env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
-  env.update(zip(jaxpr.invars, args, strict=True))
-
-  def read(atom):
-    if is_literal(atom):
-      return atom.val
-    try:
-      return env[atom]
-    except KeyError:
-      raise ReplayUnsupported(
-          f"an unknown jaxpr atom {atom!r} ({type(atom).__name__})") from None
-
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    try:
-      subfuns, params = _bind_params(eqn)
-      with eqn.ctx.manager:  # the equation's context (e.g. its sharding)
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
-    except ReplayUnsupported:
-      raise
-    except Exception as e:  # noqa: BLE001 (any failure is the replay's)
-      raise ReplayUnsupported(
-          f"binding {eqn.primitive} failed: {type(e).__name__}: {e}") from e
-    results = out if eqn.primitive.multiple_results else [out]
-    if len(results) != len(eqn.outvars):
-      raise ReplayUnsupported(
-          f"{eqn.primitive} gave {len(results)} results for "
-          f"{len(eqn.outvars)} variables")
-    for v, x in zip(eqn.outvars, results, strict=True):
-      env[v] = substitute(v, x)
-  return [read(v) for v in jaxpr.outvars]
+  got = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(got, dict):
+    return (), got
+  if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
+    return got
+  raise JaxprApiChanged(
+      f"get_bind_params of {eqn.primitive} returned a {type(got).__name__}")
 
 
-# --- Meshes: for the multi-device tests and the examples. ---
+@contextlib.contextmanager
+def source_of(eqn: Any) -> Iterator[None]:
+  """Within the block, operations are traced with ``eqn``'s source
+  information: its name stack (the `jax.named_scope`\\ s it was traced in)
+  appended to the current one, and its Python traceback, as JAX's own
+  ``eval_jaxpr`` gives them. So the names and source lines of the ops a
+  replayed jaxpr emits are those of the function it was traced from, in
+  the lowered module and in profiles.
+
+  ``jax.extend.source_info_util`` has ``user_context`` and
+  ``current_name_stack`` from 0.4.36 to 0.12 (the first argument of
+  ``user_context`` is named ``c`` in some releases, ``traceback`` in
+  others: it is passed by position).
+
+  Raises:
+    JaxprApiChanged: if that module, those functions or the equation's
+      ``source_info`` are missing.
+  """
+  info = getattr(eqn, "source_info", None)
+  for obj, name in ((_source_info, "user_context"),
+                    (_source_info, "current_name_stack"),
+                    (info, "name_stack"), (info, "traceback")):
+    if not hasattr(obj, name):
+      raise JaxprApiChanged(
+          f"no `{name}` for the source information of a jaxpr equation")
+  names = _source_info.current_name_stack() + info.name_stack
+  with _source_info.user_context(info.traceback, name_stack=names):
+    yield
+
 
 def optimization_barrier(x: Any) -> Any:
   """``jax.lax.optimization_barrier(x)``, or ``x`` itself where the
@@ -159,6 +115,11 @@ def optimization_barrier(x: Any) -> Any:
     return jax.lax.optimization_barrier(x)
   except NotImplementedError:
     return x
+
+
+# --- Meshes: to be moved to tests/ (test-only). ---
+import inspect  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 
 def shard_map(f: Callable, *, mesh: Any, in_specs: Any, out_specs: Any,

@@ -8,9 +8,7 @@ same for all of them. Argument checking lives in `_validation`.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -81,9 +79,9 @@ def _leaf_sq_sum(x: jax.Array) -> jax.Array:
   # operation elsewhere in the step (AdamW's ``g ** 2`` when nothing scales
   # the gradients first, as in ``skip_spikes(adamw)``; the float32 cast of a
   # bf16 leaf that a clip scales), and an operation with two consumers is
-  # written to memory: a gradient-sized buffer, on XLA:CPU +1x the
-  # parameters' bytes of peak memory and +2x of traffic
-  # (tests/test_cost.py). The barrier itself copies nothing.
+  # written to memory: a gradient-sized buffer, and one more pass over it.
+  # The barrier itself copies nothing. tests/test_cost.py measures both
+  # ways; the Performance guide's memory tables have the numbers.
   x = _real_f32(_compat.optimization_barrier(jnp.asarray(x)))
   return jnp.sum(x * x)
 
@@ -195,58 +193,6 @@ def stack_norms(norms: Sequence[jax.Array]) -> jax.Array:
   return jnp.stack(norms) if norms else jnp.zeros([0], F32)
 
 
-# Norms already computed in the trace being built, for `known_norms`: a list
-# of (leaves, axis_name, norms) per thread, innermost last.
-_known = threading.local()
-
-
-def _known_list() -> list[tuple[list[Any], AxisName, list[jax.Array]]]:
-  if not hasattr(_known, "entries"):
-    _known.entries = []
-  return _known.entries
-
-
-def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
-  return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-@contextlib.contextmanager
-def known_norms(tree: Any, axis_name: AxisName, norms: list[jax.Array]
-                ) -> Iterator[None]:
-  """Within the block, `leaf_norm_list` of these very leaves is ``norms``.
-
-  For a wrapper that measured the norms of the updates and then traces the
-  transformation it wraps on the same arrays (`skip_spikes` around `zclip`):
-  the inner norm is the outer one instead of a second overflow-safe pass in
-  the traced step. XLA would merge the two in the end, but only after its
-  passes have compiled both, which doubles their compile time. Only the same
-  array objects (``is``) with the same ``axis_name`` match, so the values
-  are the same by construction.
-  """
-  entries = _known_list()
-  entries.append((jax.tree.leaves(tree), axis_name, list(norms)))
-  try:
-    yield
-  finally:
-    entries.pop()
-
-
-@contextlib.contextmanager
-def known_norms_carried(old_leaves: Sequence[Any], new_leaves: Sequence[Any]
-                        ) -> Iterator[None]:
-  """Within the block, the norms known for ``old_leaves`` hold for
-  ``new_leaves`` too: for a function traced again (into a jaxpr) with new
-  arrays standing for the same values."""
-  entries = _known_list()
-  carried = [(list(new_leaves), name, norms)
-             for leaves, name, norms in entries if _same(leaves, old_leaves)]
-  entries.extend(carried)
-  try:
-    yield
-  finally:
-    del entries[len(entries) - len(carried):]
-
-
 def leaf_norm_list(tree: Any, axis_name: AxisName = None) -> list[jax.Array]:
   """`leaf_norms` as a list of float32 scalars, one per leaf.
 
@@ -254,15 +200,11 @@ def leaf_norm_list(tree: Any, axis_name: AxisName = None) -> list[jax.Array]:
   leaf's norm (AdaGC's factor, folded into that leaf's update) compiles to
   the same kernel for every leaf of the same shape, which XLA compiles
   once. Slicing one vector of all the norms instead puts a different index
-  into every leaf's kernel. Inside `known_norms` for these leaves, the norms
-  given there.
+  into every leaf's kernel.
   """
   leaves = check_float_leaves(tree)
   if not leaves:
     return []
-  for known, name, norms in reversed(_known_list()):
-    if name == axis_name and _same(known, leaves):
-      return list(norms)
   sq = _psum([_leaf_sq_sum(x) for x in leaves], axis_name)
   overflowed = jnp.any(jnp.isinf(jnp.stack(sq)))
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_zclip import _compat, _numerics, _validation
+from optax_zclip import _numerics, _select, _shared_norms, _validation
 from optax_zclip._numerics import F32, AxisName
 from optax_zclip._registry import loggable_state
 
@@ -23,7 +23,7 @@ class SkipSpikesState(NamedTuple):
 
   `optax_zclip.stats` reports every field but the three buffers and
   ``position``, as ``skip/<field>``, and, with their own keys, the states of
-  this package's transforms inside ``inner_state``.
+  this package's transforms inside ``inner_state`` (:ref:`telemetry-names`).
 
   Attributes:
     losses: float32 vector of shape ``[window]``, a ring buffer of the losses
@@ -110,19 +110,28 @@ class SkipSpikesFallbackWarning(UserWarning):
   """`skip_spikes` selected its inner update's whole new state after the fact.
 
   Emitted once each time an update is traced (under `jax.jit`, once per
-  compilation) when the zero-copy replay of the inner update could not run
-  on the installed JAX: a construct of its jaxpr or an internal API the
-  replay does not know (the message names it). The step is then computed as
-  ``where(keep, new, old)`` over the inner update's outputs: the same
-  decisions, updates and states, bit for bit, but XLA keeps a copy of the
-  old optimizer state: for AdamW, +1.94x the parameters' bytes of peak
-  memory and +5.0x of memory traffic (``benchmarks/memory.py``).
-  Silence it with ``warnings.filterwarnings("ignore",
-  category=optax_zclip.SkipSpikesFallbackWarning)`` once the cost is known.
+  compilation) when ``zero_copy`` is True but the zero-copy select cannot
+  run on the installed JAX (the message names the cause). The step then
+  selects ``where(keep, new, old)`` over the inner update's outputs: the
+  same decisions, updates and states, bit for bit, at the cost of a copy of
+  the optimizer state in memory and more memory traffic
+  (:ref:`skip-fallback`; the Performance guide measures it,
+  :ref:`performance-memory`).
+
+  Example:
+    A run that must not pay the copy can make the warning an error, so that
+    it stops at the first compilation:
+
+    >>> import warnings
+    >>> import optax_zclip
+    >>> with warnings.catch_warnings():
+    ...   warnings.filterwarnings(
+    ...       "error", category=optax_zclip.SkipSpikesFallbackWarning)
 
   References:
-    The Skipping guide's section on the fallback, and the Performance
-    guide's memory table.
+    OLMo-core's ``SkipStepOptimizer``
+    (https://github.com/allenai/OLMo-core), whose rule `skip_spikes`
+    follows.
   """
 
 
@@ -130,21 +139,29 @@ class SkipSpikesNoLossWarning(UserWarning):
   """`skip_spikes` was updated without ``value=``: its loss test is off.
 
   Emitted once each time an update is traced (under `jax.jit`, once per
-  compilation; never from inside the compiled step) when
-  ``tx.update(grads, state, params)`` is called with no ``value``, as a
-  training loop that knows nothing of the loss does (Flax's
-  ``TrainState.apply_gradients``, a plain ``optimizer.update(model,
-  grads)``). The step then tests the gradient norm alone, and a loss spike
-  with an ordinary norm is taken. Pass the loss,
-  ``tx.update(grads, state, params, value=loss)``
-  (``optimizer.update(model, grads, value=loss)`` with ``nnx.Optimizer``),
-  or say that the norm test alone is meant: ``value=None`` in the call, or
-  ``skip_spikes(inner, loss_test=False)`` where the loop cannot pass
-  arguments. Either silences it.
+  compilation) when ``tx.update(grads, state, params)`` gets no ``value``,
+  as from a training loop that knows nothing of the loss (Flax's
+  ``TrainState.apply_gradients``). The step then tests the gradient norm
+  alone. Pass the loss, ``tx.update(grads, state, params, value=loss)``, or
+  say that the norm test alone is meant, with ``value=None`` or
+  ``skip_spikes(inner, loss_test=False)``: either silences it
+  (:ref:`skip-passing-loss`).
+
+  Example:
+    >>> import warnings
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_zclip
+    >>> tx = optax_zclip.skip_spikes(optax.sgd(1.0))
+    >>> state = tx.init(jnp.zeros(1))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = tx.update(jnp.ones(1), state)  # warns
+    ...   _ = tx.update(jnp.ones(1), state, value=None)  # silent
+    >>> [w.category.__name__ for w in caught]
+    ['SkipSpikesNoLossWarning']
 
   References:
-    The Skipping guide's section on passing the loss, and the Integrations
-    guide's Flax recipes.
+    :doc:`The Integrations guide's Flax recipes </guides/integrations>`.
   """
 
 
@@ -167,20 +184,12 @@ def init_around(tx: optax.GradientTransformation,
                 inner_state: Any) -> SkipSpikesState:
   """The state of a `skip_spikes` transform around an inner state it is given.
 
-  To add `skip_spikes` to a run resumed from a checkpoint taken without it:
-  restore the inner optimizer's state as usual (into a target from
-  ``inner.init``), then wrap it. The result is exactly what
-  ``tx.init(params)`` builds (an empty history of ``tx``'s own ``window``,
-  zero counters) but for ``inner_state``, which is used as it is, with no
-  copy, so the run continues from it::
-
-    inner = optax.chain(optax_zclip.zclip(), optax.adamw(lr))
-    restored = ckptr.restore(path, target)     # saved without skip_spikes
-    tx = optax_zclip.skip_spikes(inner, window=128)
-    opt_state = optax_zclip.init_around(tx, restored["opt_state"])
-
-  The skip rule starts with an empty history, as at the start of a run: it
-  skips nothing until it holds ``max(3, window // 2)`` steps.
+  Adds `skip_spikes` to a run resumed from a checkpoint taken without it:
+  restore the inner optimizer's state as usual, then wrap it. The result is
+  what ``tx.init(params)`` builds (an empty history of ``tx``'s own
+  ``window``, zero counters) but for ``inner_state``, used as it is, so the
+  run continues from it; the skip rule starts afresh, as at the start of a
+  run (:ref:`skip-resumed-run`).
 
   Args:
     tx: the transform built by `skip_spikes`, as it is (not inside another
@@ -200,11 +209,15 @@ def init_around(tx: optax.GradientTransformation,
     >>> import optax, optax_zclip
     >>> inner = optax.sgd(1.0)
     >>> params = jnp.zeros(2)
-    >>> inner_state = inner.init(params)        # restored from a checkpoint
+    >>> inner_state = inner.init(params)  # as restored
     >>> tx = optax_zclip.skip_spikes(inner, window=4)
     >>> state = optax_zclip.init_around(tx, inner_state)
     >>> state.losses.shape, int(state.size)
     ((4,), 0)
+
+  References:
+    OLMo-core's ``SkipStepOptimizer`` (https://github.com/allenai/OLMo-core),
+    whose rule `skip_spikes` follows.
   """
   around = getattr(getattr(tx, "init", None), _AROUND, None)
   if around is None:
@@ -218,95 +231,26 @@ def init_around(tx: optax.GradientTransformation,
   return around(inner_state)
 
 
-def _gated_update(update: Any, keep: jax.Array, updates: Any,
-                  state: Any) -> tuple[Any, Any]:
-  """``update(updates, state)`` where ``keep``; else zeros and ``state``.
-
-  The obvious ``where(keep, new, old)`` on the outputs costs a copy of every
-  optimizer moment: AdamW's parameter step recomputes the new moments from
-  the old ones in its own fused loop, while another loop overwrites those
-  old moments in place with the selected ones, so XLA must copy the old
-  moments first (+2x the params' bytes of memory for AdamW), and a
-  `jax.lax.cond` instead materialises the updates, which then cannot fuse
-  into `optax.apply_updates` (+1x memory, +3x traffic).
-
-  Here the update is traced once into a jaxpr and replayed into the current
-  trace (`_compat.replay_jaxpr`), and each new state value is replaced by
-  its ``where(keep, new, old)`` the moment it is computed, so that
-  everything computed from it, the updates included, reads the selected
-  value. XLA then sees the unwrapped update's dataflow (the step reads the
-  moments it has just written in place) with one select folded into each
-  loop: no copy and no extra pass. Where ``keep`` holds, ``where`` returns
-  ``new`` bit for bit, so a kept step is exactly ``update``'s; where it
-  does not, the updates computed from the old state are replaced by zeros,
-  and every state leaf is the old one (a state leaf that could not be
-  substituted, a constant or a value shared by two leaves, is selected at
-  the end).
-
-  If the replay cannot run (`_compat.ReplayUnsupported`: a jaxpr construct
-  or JAX API it does not know), the select is made on the outputs instead,
-  the same values at the cost of the copy, with a
-  `SkipSpikesFallbackWarning` naming the cause.
-  """
-  flat_in, in_tree = jax.tree.flatten((updates, state))
-  n_in = len(jax.tree.leaves(updates))
-  old = flat_in[n_in:]
-
-  def flat_update(*flat):
-    # The norms known for the updates (`skip_spikes` measured them) are
-    # those of the arrays that stand for them in this trace too.
-    with _numerics.known_norms_carried(flat_in[:n_in], flat[:n_in]):
-      return update(*jax.tree.unflatten(in_tree, flat))
-
-  closed, out_shape = jax.make_jaxpr(flat_update, return_shape=True)(*flat_in)
-  n_updates = len(jax.tree.leaves(out_shape[0]))
-  updates_tree = jax.tree.structure(out_shape[0])
-  state_tree = jax.tree.structure(out_shape[1])
+def _select_as_computed_or_after(update: _select.Update, keep: jax.Array,
+                                 updates: Any, state: Any
+                                 ) -> tuple[Any, Any]:
+  """`_select.select_as_computed`, or `_select.select_after` with a
+  `SkipSpikesFallbackWarning` naming the cause where it cannot run."""
   try:
-    return _replayed(closed, flat_in, keep, old, n_updates, updates_tree,
-                     state_tree)
-  except _compat.ReplayUnsupported as e:
+    return _select.select_as_computed(update, keep, updates, state)
+  except _select.SelectUnsupported as e:
     cause = str(e)
   warnings.warn(
-      "skip_spikes: the zero-copy replay of the inner update cannot run on "
+      "skip_spikes: the zero-copy select of the inner update cannot run on "
       f"jax {jax.__version__} ({cause}); each step selects the inner "
-      "update's whole new state instead. The decisions, updates and states "
-      "are the same, but XLA keeps a copy of the old optimizer state: for "
-      "AdamW about +2x the parameters' bytes of memory and +5x of memory "
-      "traffic. Please report it with your jax version.",
+      "update's whole new state after it instead. The decisions, updates "
+      "and states are the same, but XLA keeps a copy of the old optimizer "
+      "state (for AdamW about twice the parameters' bytes of memory; the "
+      "Performance guide has the figures). Please report it with your jax "
+      "version; skip_spikes(..., zero_copy=False) makes this choice "
+      "without the warning.",
       SkipSpikesFallbackWarning, stacklevel=3)
-  new_updates, new_state = update(updates, state)
-  return (jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros([], u.dtype)),
-                       new_updates),
-          jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state))
-
-
-def _replayed(closed, flat_in, keep, old, n_updates, updates_tree,
-              state_tree):
-  """`_gated_update`'s result by replaying ``closed`` (see there)."""
-  jaxpr = closed.jaxpr
-  state_vars = jaxpr.outvars[n_updates:]
-  uses: dict[Any, int] = {}
-  for v in state_vars:
-    if not _compat.is_literal(v):
-      uses[v] = uses.get(v, 0) + 1
-  inputs = set(jaxpr.invars)
-  select = {v: o for v, o in zip(state_vars, old, strict=True)
-            if not _compat.is_literal(v) and v not in inputs
-            and uses[v] == 1}
-
-  def substitute(v, x):
-    return jnp.where(keep, x, select[v]) if v in select else x
-
-  outs = _compat.replay_jaxpr(closed, flat_in, substitute)
-  new_updates = [jnp.where(keep, u, jnp.zeros([], u.dtype))
-                 for u in outs[:n_updates]]
-  new_state = [
-      x if not _compat.is_literal(v) and v in select
-      else jnp.where(keep, x, o)
-      for v, x, o in zip(state_vars, outs[n_updates:], old, strict=True)]
-  return (jax.tree.unflatten(updates_tree, new_updates),
-          jax.tree.unflatten(state_tree, new_state))
+  return _select.select_after(update, keep, updates, state)
 
 
 _NNX_CALL = "with nnx.Optimizer, optimizer.update(model, grads, value=loss)"
@@ -341,115 +285,65 @@ def skip_spikes(
     sigma: jax.typing.ArrayLike = 6.0,
     axis_name: AxisName = None,
     loss_test: bool = True,
+    zero_copy: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skips a whole step when its loss or gradient norm is an extreme outlier.
 
   Wraps an optimizer, typically ``optax.chain(optax_zclip.zclip(),
   optax.adamw(lr))``, and keeps the losses ``L`` and global gradient norms
-  ``G`` of the last ``window`` finite steps. Each step, with ``x`` its loss
-  (passed as ``tx.update(grads, state, params, value=loss)``, the name
-  optax gives a loss) and ``g`` the float32 global norm of the incoming
-  updates, before any clipping:
+  ``G`` (before any clipping) of the last ``window`` finite steps. From the
+  ``max(3, window // 2)``-th finite step on, a step with loss ``x`` and norm
+  ``g`` is skipped when
 
-  * if ``x`` or ``g`` is NaN or Inf, the step is skipped and nothing is
-    recorded;
-  * else, while the history holds ``n`` steps with ``n + 1 < max(2, window
-    // 2)``, the step is taken;
-  * else the step is skipped when
+  .. math::
+    x - \operatorname{mean}(L) > \sigma \operatorname{std}(L)
+    \quad\text{or}\quad
+    g - \operatorname{mean}(G) > \sigma \operatorname{std}(G),
 
-    .. math::
-      x - \operatorname{mean}(L) > \sigma \operatorname{std}(L)
-      \quad\text{or}\quad
-      g - \operatorname{mean}(G) > \sigma \operatorname{std}(G),
-
-    with the sample standard deviation (ddof=1); only an increase counts.
-    A standard deviation needs two recorded values, so with ``window < 6``
-    the test starts at the third step (``n >= 2``), not the second;
-  * then the pair ``(x, g)`` is recorded, skipped or not, replacing the
-    oldest once ``window`` are held.
-
-  A skipped step returns zero updates and leaves the inner state (AdamW's
-  moments and count, ZClip's statistics) bit-identical; a taken step is
-  exactly the inner transformation's. So on a skipped step the telemetry of
-  the inner transforms (``zclip/grad_norm``, ``zclip/threshold``, ...)
-  repeats the last taken step's: log ``skip/grad_norm`` for the norm of
-  every step, and ``skip/skipped`` to tell the two apart. This is
-  OLMo-core's rule for skipping steps, with a NaN never entering the history
-  (where it would skip every step until it aged out) and the norm always
-  taken before clipping.
-
-  The loss must be passed by that keyword: an update given it by position,
-  or under another name that holds ``loss`` (``loss=``, ``train_loss=``)
-  without ``value``, raises a `TypeError` rather than silently testing the
-  norm alone. An update without ``value`` at all tests the norm alone and
-  warns (a `SkipSpikesNoLossWarning`, once per trace); ask for the norm
-  test alone with ``value=None`` (which also lets a ``loss=`` meant for
-  another transform through) or ``loss_test=False``, and it does so
-  silently. The step's norm is still recorded, and the loss test of later
-  steps uses the losses that were given (it needs as many of them as the
-  norm test needs norms). All extra arguments, ``value`` included, are
-  passed on to ``inner`` (optax's `optax.contrib.reduce_on_plateau` reads
-  the same ``value``).
-
-  A run resumed from a checkpoint taken without ``skip_spikes`` gets its
-  state from `init_around`, around the restored state of ``inner``; an
-  update given any state but a `SkipSpikesState` raises a `TypeError` that
-  says so.
-
-  Skipping costs no memory and no pass over the parameters: the inner
-  update runs on every step, but each new value of its state is selected
-  (old or new) as soon as it is computed, so that XLA updates AdamW's
-  moments in place and fuses the selects into the loops of the unwrapped
-  step. On a donated train step, ``skip_spikes(optax.chain(zclip(),
-  optax.adamw(lr)))`` has the same peak memory and the same bytes accessed
-  as the chain alone (the Performance guide has the numbers, and how they
-  are measured). A `zclip`, `adagc`, `autoclip` or `clip_by_global_norm` at
-  the head of ``inner`` (with the same ``axis_name``) takes the per-leaf
-  norms ``skip_spikes`` measured rather than measuring them again, so the
-  step reads the gradients and compiles the norms once.
-
-  The selecting-as-computed replays the inner update's jaxpr, an internal
-  format of JAX. Where the replay cannot handle it (a construct it does not
-  know, or an API moved in a JAX release newer than this package), the
-  whole new state is selected after the update instead: the same values,
-  bit for bit, at the cost of a copy of the optimizer state (for AdamW +2x
-  the parameters' bytes of memory), announced once per trace by a
-  `SkipSpikesFallbackWarning` that names the cause.
+  with the sample standard deviation; a NaN or Inf loss or norm is always
+  skipped and never recorded. A skipped step returns zero updates and leaves
+  the inner state bit-identical; a taken step is exactly the inner
+  optimizer's. Pass the loss by keyword, ``tx.update(grads, state, params,
+  value=loss)``: without it only the norm is tested
+  (:ref:`skip-passing-loss`). The full rule is in :ref:`the Skipping guide
+  <skip-rule>`, what skipping costs in :ref:`its Composition section
+  <skip-composition>`.
 
   Args:
     inner: the optimizer whose steps are taken or skipped, an
       `optax.GradientTransformation`.
     window: how many recent finite steps the statistics cover; a Python int
-      >= 2 (it sets the state's shape, so under `optax.inject_hyperparams`
-      list it in ``static_args``). The test applies from the
-      ``max(3, window // 2)``-th finite step on.
+      >= 2 (it sets the state's shape: under `optax.inject_hyperparams`,
+      list it in ``static_args``).
     sigma: how many standard deviations above the window's mean a loss or
       norm must be to skip the step; > 0.
     axis_name: a mesh axis name (or tuple of names) over which the squared
       norm is ``psum``-ed, inside `jax.shard_map` or `jax.pmap` when each
-      device holds a slice of the gradients (the loss must then be the
-      global one, ``pmean``-ed, so that every device decides alike). Leave
-      None on one device, for replicated gradients and under sharded
-      `jax.jit`.
-    loss_test: False tests the gradient norm alone, for a training loop
-      that passes no loss (``value=`` is then passed on to ``inner``
+      device holds a slice of every gradient (pass the global, ``pmean``-ed
+      loss). Leave None on one device, for replicated gradients and under
+      sharded `jax.jit` (:doc:`/guides/distributed`).
+    loss_test: False tests the gradient norm alone, for a training loop that
+      passes no loss (a ``value`` given is passed on to ``inner``
       untested); True (the default) tests the loss given as ``value=`` too,
-      and warns when an update has no ``value``.
+      and warns when an update has none.
+    zero_copy: True (the default) selects each new value of the inner state
+      as it is computed, which costs no copy of the optimizer state (where
+      the installed JAX cannot run that, it falls back to the select of
+      False, with a `SkipSpikesFallbackWarning`). False selects the inner
+      update's whole new state after the fact, which costs a copy of the
+      optimizer state (:ref:`skip-fallback`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
     `SkipSpikesState`.
 
   Raises:
-    ValueError: if ``inner`` is not an `optax.GradientTransformation`,
-      ``window`` not an integer >= 2, ``sigma`` not a number > 0 or
-      ``loss_test`` not a bool (the message names the argument); when the
-      update is traced, if ``value`` is not a scalar, or the state's
-      history is not ``window`` long (another ``skip_spikes``' state).
-    TypeError: when the update is traced, if it is given a positional
-      argument after ``params``, a keyword holding ``loss`` but no
-      ``value`` (the message says how to pass the loss), or a state that
-      is not a `SkipSpikesState` (the message points to `init_around`).
+    ValueError: if an argument is out of its range (the message names it);
+      when the update is traced, if ``value`` is not a scalar or the state's
+      history is not ``window`` long.
+    TypeError: when the update is traced, if the loss is given by position
+      or under another name than ``value``, or the state is not a
+      `SkipSpikesState` (for a resumed run, see `init_around`).
 
   Warns:
     SkipSpikesNoLossWarning: when the update is traced without ``value``
@@ -469,12 +363,10 @@ def skip_spikes(
     [-1.] 1
 
   References:
-    The rule of OLMo-core's ``SkipStepOptimizer``:
-    https://github.com/allenai/OLMo-core/blob/fa6c5014c9f6e9ee789da2d9c20d5126fee8df0d/src/olmo_core/optim/skip_step_optimizer.py.
-    The same rule as optax wrappers: MaxText's ``skip_step_on_spikes``,
-    https://github.com/AI-Hypercomputer/maxtext/blob/e591f30cbbf217ed67ef71263ec0538239f9c3b8/src/maxtext/optimizers/optimizers.py,
-    and Levanter's ``SkipStepConfig``,
-    https://github.com/marin-community/levanter/blob/9263f81e8b453241332c2c0b2d2001bfb2d2241c/src/levanter/optim/skipstep.py.
+    The rule of OLMo-core's ``SkipStepOptimizer``,
+    `allenai/OLMo-core <https://github.com/allenai/OLMo-core/blob/fa6c5014c9f6e9ee789da2d9c20d5126fee8df0d/src/olmo_core/optim/skip_step_optimizer.py>`_;
+    the same rule as optax wrappers in MaxText (``skip_step_on_spikes``) and
+    Levanter (``SkipStepConfig``): :ref:`skip-others`.
   """
   if not isinstance(inner, optax.GradientTransformation):
     raise ValueError(
@@ -485,8 +377,13 @@ def skip_spikes(
   _validation.check_number("sigma", sigma, lambda v: v > 0, "finite and > 0",
                            float32=True)
   _validation.check_bool("loss_test", loss_test)
+  _validation.check_bool("zero_copy", zero_copy)
   window = int(window)
   min_history = max(2, window // 2)
+  if zero_copy:
+    _select_inner = _select_as_computed_or_after
+  else:
+    _select_inner = _select.select_after
   inner = optax.with_extra_args_support(inner)
 
   def around(inner_state):
@@ -562,14 +459,12 @@ def skip_spikes(
     position = jnp.where(finite, (pos + 1) % window, pos)
 
     # A kept step is the inner update, bit for bit; a skipped one returns
-    # zeros (a `where`, not a multiply by 0, so that a NaN update cannot leak
-    # through) and the inner state as it was. See `_gated_update` for why
-    # this costs no copy.
-    # A ZClip, AdaGC, AutoClip or clip_by_global_norm at the head of
-    # `inner` (same updates, same axis_name) reuses these norms rather than
-    # tracing its own overflow-safe pass.
-    with _numerics.known_norms(updates, axis_name, leaf_norms):
-      inner_updates, inner_state = _gated_update(
+    # zeros and the inner state as it was (`_select`). A ZClip, AdaGC,
+    # AutoClip or clip_by_global_norm at the head of `inner` (same updates,
+    # same axis_name) takes these norms rather than tracing its own
+    # overflow-safe pass (`_shared_norms`).
+    with _shared_norms.offered(updates, axis_name, leaf_norms):
+      inner_updates, inner_state = _select_inner(
           lambda u, s: inner.update(u, s, params, **extra_args), ~skip,
           updates, state.inner_state)
 

@@ -1,14 +1,10 @@
 """`optax_zclip._compat`, the one module over JAX's version differences.
 
-The jaxpr replay (what `skip_spikes` runs its inner update through) must
-give the function's own values on every construct an optimizer's update
-contains (nested jits, `cond`, `scan`, `custom_jvp`, results nothing reads,
-literal outputs, closed-over constants), on every JAX in the supported
-range, and say `ReplayUnsupported` on anything it does not know rather than
-misbehave. The mesh helpers must run the same program on every release.
+What `_select` reads of a jaxpr (literals, bind parameters, source
+information) must be found on every JAX in the supported range, and a
+missing piece must be named; the barrier must trace under every
+transformation. (`_select` itself: tests/test_select.py.)
 """
-
-import types
 
 import jax
 import jax.numpy as jnp
@@ -18,90 +14,55 @@ from jax.sharding import PartitionSpec as P
 
 from optax_zclip import _compat
 
-CONST = np.arange(1.0, 6.0, dtype=np.float32)
+
+def test_literals_and_variables_are_told_apart():
+  closed = jax.make_jaxpr(lambda x: (x * 2.0, 3.0))(1.0)
+  (eqn,) = closed.jaxpr.eqns
+  assert [_compat.is_literal(a) for a in eqn.invars] == [False, True]
+  assert float(eqn.invars[1].val) == 2.0
+  assert [_compat.is_literal(a) for a in closed.jaxpr.outvars] == [False,
+                                                                   True]
 
 
-@jax.jit
-def _nested(x):
-  return jnp.sin(x) * 2.0
+def test_bind_params_rebind_an_equation_to_the_same_value():
+  closed = jax.make_jaxpr(lambda x: jax.lax.reduce_precision(x, 5, 10))(1.0)
+  (eqn,) = closed.jaxpr.eqns
+  subfuns, params = _compat.bind_params(eqn)
+  assert params == {"exponent_bits": 5, "mantissa_bits": 10}
+  x = np.float32(1.0 + 2.0**-12)  # below a 10-bit mantissa's step
+  assert float(eqn.primitive.bind(*subfuns, x, **params)) == 1.0
 
 
-def _everything(x, y):
-  a, _ = jax.lax.sort_key_val(x, y)  # the second result is never read
-  b = jax.lax.cond(a.sum() > 0, lambda z: z + 1.0, lambda z: z * z, a)
-  total, cums = jax.lax.scan(lambda c, z: (c + z, c * z), 0.0, b)
-  out = _nested(b) + jax.nn.relu(x - 1.0) + CONST
-  return out, total, cums, 2.0, x  # a literal and an input as outputs
+def test_an_odd_bind_params_is_named():
+  class Odd:
+    def get_bind_params(self, params):
+      return [params]
+
+    def __str__(self):
+      return "odd_p"
+
+  eqn = type("Eqn", (), {"primitive": Odd(), "params": {}})()
+  with pytest.raises(_compat.JaxprApiChanged,
+                     match="get_bind_params of odd_p returned a list"):
+    _compat.bind_params(eqn)
 
 
-def _replayed(f, *args, substitute=lambda v, x: x):
-  closed = jax.make_jaxpr(f)(*args)
-  return _compat.replay_jaxpr(closed, list(args), substitute)
+def test_source_of_gives_an_equation_s_named_scopes_under_the_current():
+  def inner(x):
+    with jax.named_scope("inner_scope"):
+      return jnp.sin(x)
 
+  (eqn,) = jax.make_jaxpr(inner)(1.0).jaxpr.eqns
 
-@pytest.mark.parametrize("traced", [False, True], ids=["eager", "jit"])
-def test_the_replay_gives_the_function_s_values(traced):
-  x = np.array([0.5, -1.0, 3.0, 2.0, -0.25], np.float32)
-  y = np.arange(5, dtype=np.int32)[::-1].copy()
-  want = _everything(x, y)
-  run = jax.jit(lambda x, y: _replayed(_everything, x, y)) if traced else (
-      lambda x, y: _replayed(_everything, x, y))
-  got = run(x, y)
-  assert len(got) == len(jax.tree.leaves(want))
-  for g, w in zip(got, jax.tree.leaves(want), strict=True):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-  # Plain NumPy, independently: the sorted x, then the taken branch.
-  a = np.sort(x.astype(np.float64))  # keys are x: sorted ascending
-  b = a + 1.0 if a.sum() > 0 else a * a
-  np.testing.assert_allclose(got[1], b.sum(), rtol=1e-6)
-  np.testing.assert_allclose(
-      got[0], np.sin(b) * 2 + np.maximum(x - 1.0, 0) + CONST, rtol=1e-6)
+  def outer(x):
+    with jax.named_scope("outer_scope"), _compat.source_of(eqn):
+      return eqn.primitive.bind(x, **eqn.params)
 
-
-def test_every_result_is_substituted_before_anything_reads_it():
-  seen = []
-
-  def substitute(v, x):
-    seen.append(v)
-    return x * 10.0
-
-  def f(x):
-    return (x + 1.0) * 2.0
-
-  (out,) = _replayed(f, np.float32(3.0), substitute=substitute)
-  # (3 + 1) * 10, then * 2 * 10: the multiply read the substitute.
-  assert float(out) == 800.0
-  assert len(seen) == len(jax.make_jaxpr(f)(1.0).jaxpr.eqns) == 2
-
-
-def _fake(**eqn_fields):
-  eqn = types.SimpleNamespace(primitive=jax.lax.sin_p, params={}, invars=[],
-                              outvars=[], **eqn_fields)
-  jaxpr = types.SimpleNamespace(constvars=[], invars=[], outvars=[],
-                                eqns=[eqn])
-  return types.SimpleNamespace(jaxpr=jaxpr, consts=[])
-
-
-def test_what_the_replay_does_not_know_is_unsupported_and_named(monkeypatch):
-  with pytest.raises(_compat.ReplayUnsupported, match="no `ctx`"):
-    _compat.replay_jaxpr(_fake(), [], lambda v, x: x)
-  with pytest.raises(_compat.ReplayUnsupported, match="no `manager`"):
-    _compat.replay_jaxpr(_fake(ctx=object()), [], lambda v, x: x)
-  with pytest.raises(_compat.ReplayUnsupported, match="no ClosedJaxpr"):
-    _compat.replay_jaxpr(object(), [], lambda v, x: x)
-  # A variable that no equation wrote (the input, left out of `invars`
-  # here): an atom the replay cannot read.
-  closed = jax.make_jaxpr(lambda x: x * 2.0)(1.0)
-  with pytest.raises(_compat.ReplayUnsupported, match="unknown jaxpr atom"):
-    _compat.replay_jaxpr(
-        types.SimpleNamespace(
-            jaxpr=types.SimpleNamespace(
-                constvars=[], invars=[], outvars=closed.jaxpr.outvars,
-                eqns=closed.jaxpr.eqns),
-            consts=[]), [], lambda v, x: x)
-  monkeypatch.setattr(_compat, "_Literal", None)
-  with pytest.raises(_compat.ReplayUnsupported, match="Literal is missing"):
-    _replayed(lambda x: x + 1.0, 1.0)
+  text = jax.jit(outer).lower(1.0).as_text(debug_info=True)
+  assert "outer_scope/inner_scope/sin" in text
+  with pytest.raises(_compat.JaxprApiChanged, match="no `name_stack`"):
+    with _compat.source_of(object()):
+      pass
 
 
 @pytest.mark.parametrize("check_vma", [True, False])

@@ -16,6 +16,7 @@ with ZClip's). Flax NNX, with the loss passed to ``optimizer.update``, is in
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import warnings
@@ -30,7 +31,7 @@ from transforms import CLIPPERS, TRANSFORMS, WRAPPERS, with_adamw
 from versions import measured_on
 
 import optax_zclip
-from optax_zclip import _compat, _numerics
+from optax_zclip import _shared_norms
 
 LR = 1e-2
 ZCLIP = dict(warmup_steps=5)
@@ -489,15 +490,18 @@ def test_window_must_be_static_under_inject_hyperparams():
 
 
 # --------------------------------------------------------------------------
-# The fallback: where the replay of the inner update cannot run, the whole
-# new state is selected after the update. Same values, one warning.
+# Selecting after the update: asked for with zero_copy=False, or taken with
+# a warning where the zero-copy select cannot run. Same values either way.
 
 
-def _wrapped(name):
+def _wrapped(name, **skip_kwargs):
   """``skip_spikes`` around ``chain(<entry>, adamw)``, for every entry."""
-  tx = with_adamw(name)
-  return (tx if name in WRAPPERS
-          else optax_zclip.skip_spikes(tx, window=8, sigma=3.0))
+  e = TRANSFORMS[name]
+  if name in WRAPPERS:
+    chain = optax.chain(e.make(), optax.adamw(1e-2))
+    return e.wrapper.factory(chain, **e.wrapper.config, **skip_kwargs)
+  return optax_zclip.skip_spikes(with_adamw(name), window=8, sigma=3.0,
+                                 **skip_kwargs)
 
 
 def _donated_run(tx, run):
@@ -520,80 +524,96 @@ def _donated_run(tx, run):
 
 
 # Norm, loss, both and non-finite outliers once the test is active.
-FALLBACK_RUN = make_run(36, seed=11, events={
+AFTER_RUN = make_run(36, seed=11, events={
     10: ("norm", 30.0), 14: ("loss", 3.0), 18: ("nan_grad",),
     19: ("inf_loss",), 24: ("both", 20.0, 3.0), 30: ("inf_grad",)})
 
 
-def _force_fallback(monkeypatch, cause="forced by the test"):
-  def unsupported(*args, **kwargs):
-    raise _compat.ReplayUnsupported(cause)
-
-  monkeypatch.setattr(_compat, "replay_jaxpr", unsupported)
-
-
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_the_fallback_gives_the_same_updates_states_and_stats(name,
-                                                              monkeypatch):
-  fast = _donated_run(_wrapped(name), FALLBACK_RUN)  # warns: an error here
-  _force_fallback(monkeypatch)
-  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning) as record:
-    slow = _donated_run(_wrapped(name), FALLBACK_RUN)
-  # One warning for the one trace of the step, not one per step.
-  assert len(record) == 1, [str(w.message) for w in record]
-  message = str(record[0].message)
-  for what in ("forced by the test", "+2x the parameters' bytes",
-               f"jax {jax.__version__}"):
-    assert what in message, message
-  for t, (a, b) in enumerate(zip(fast, slow, strict=True)):
+def test_selecting_after_gives_the_same_updates_states_and_stats(name):
+  # Any warning is an error here: zero_copy=False is a choice, not a
+  # fallback, and says nothing.
+  fast = _donated_run(_wrapped(name), AFTER_RUN)
+  after = _donated_run(_wrapped(name, zero_copy=False), AFTER_RUN)
+  for t, (a, b) in enumerate(zip(fast, after, strict=True)):
     _assert_bit_identical(a, b, f"step {t}")
   skipped = [int(state.skipped) for _, state, _ in fast]
   assert skipped[10] and skipped[18] and skipped[19] and skipped[30]
   assert sum(skipped) < len(skipped) // 2
 
 
-def _bind_fails_at_sqrt(monkeypatch):
-  real = _compat._bind_params
+class _OddPrimitive(jax.extend.core.Primitive):
+  """The identity, as a primitive whose bind parameters come in a shape the
+  zero-copy select does not know (a third-party primitive, or a JAX that
+  changed them); with ``fail_on``, its n-th bind raises instead."""
 
-  def failing(eqn):
-    if str(eqn.primitive) == "sqrt":  # AdamW's, after many equations
-      raise TypeError("a parameter this replay does not know")
-    return real(eqn)
+  def __init__(self, fail_on=None):
+    super().__init__("odd_identity")
+    self.def_impl(lambda x: x)
+    self.def_abstract_eval(self._abstract)
+    jax.interpreters.mlir.register_lowering(
+        self, jax.interpreters.mlir.lower_fun(lambda x: x,
+                                              multiple_results=False))
+    self.fail_on, self.binds = fail_on, 0
 
-  monkeypatch.setattr(_compat, "_bind_params", failing)
+  def _abstract(self, x):
+    self.binds += 1
+    if self.binds == self.fail_on:
+      raise RuntimeError("a rule this select does not know")
+    return x
+
+  def get_bind_params(self, params):
+    if self.fail_on is None:
+      return [params]  # neither (subfuns, params) nor params
+    return super().get_bind_params(params)
 
 
-def _literal_missing(monkeypatch):
-  # As on a JAX without jax.extend.core.Literal: found before any binding.
-  monkeypatch.setattr(_compat, "_Literal", None)
+def _through(prim):
+  """An optax transform that passes each update through ``prim``."""
+  return optax.stateless(lambda u, p: jax.tree.map(prim.bind, u))
 
 
-# A cause of the fallback, and what the warning must say of it.
+# What makes the zero-copy select fail, and what the warning must say of it.
 CAUSES = {
-    "bind_fails_midway": (_bind_fails_at_sqrt,
-                          "binding sqrt failed: TypeError: a parameter"),
-    "literal_missing": (_literal_missing, "Literal is missing"),
+    "odd_bind_params": (lambda: _OddPrimitive(),
+                        "get_bind_params of odd_identity returned a list"),
+    "bind_fails_midway": (
+        lambda: _OddPrimitive(fail_on=_leaves() + 1),
+        "binding odd_identity failed: RuntimeError: a rule this select"),
 }
 
 
+def _leaves():
+  return len(jax.tree.leaves(_params()))
+
+
 @pytest.mark.parametrize("cause", list(CAUSES))
-def test_a_replay_that_cannot_run_falls_back_naming_the_cause(cause,
-                                                              monkeypatch):
-  run = FALLBACK_RUN[:14]
-  fast = _donated_run(_wrapped("skip_spikes"), run)
-  patch, says = CAUSES[cause]
-  patch(monkeypatch)
-  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning, match=says):
-    slow = _donated_run(_wrapped("skip_spikes"), run)
-  for t, (a, b) in enumerate(zip(fast, slow, strict=True)):
+def test_a_select_that_cannot_run_falls_back_naming_the_cause(cause):
+  make_prim, says = CAUSES[cause]
+  run = AFTER_RUN[:14]
+  plain = optax.stateless(lambda u, p: u)  # the same chain, all known
+  want = _donated_run(optax_zclip.skip_spikes(
+      optax.chain(plain, with_adamw("zclip")), window=8, sigma=3.0), run)
+  tx = optax_zclip.skip_spikes(
+      optax.chain(_through(make_prim()), with_adamw("zclip")),
+      window=8, sigma=3.0)
+  with pytest.warns(optax_zclip.SkipSpikesFallbackWarning) as record:
+    got = _donated_run(tx, run)
+  # One warning for the one trace of the step, not one per step.
+  assert len(record) == 1, [str(w.message) for w in record]
+  message = str(record[0].message)
+  for what in (says, f"jax {jax.__version__}", "zero_copy=False"):
+    assert what in message, message
+  for t, (a, b) in enumerate(zip(want, got, strict=True)):
     _assert_bit_identical(a, b, f"step {t}")
 
 
-def test_the_fallback_warns_once_per_trace(monkeypatch):
-  _force_fallback(monkeypatch)
-  tx = _wrapped("zclip")
+def test_the_fallback_warns_once_per_trace():
+  tx = optax_zclip.skip_spikes(
+      optax.chain(_through(_OddPrimitive()), with_adamw("zclip")),
+      window=8, sigma=3.0)
   params = _params()
-  grads, loss = FALLBACK_RUN[0]
+  grads, loss = AFTER_RUN[0]
   step = jax.jit(lambda g, s: tx.update(g, s, params, value=loss))
   with pytest.warns(optax_zclip.SkipSpikesFallbackWarning) as record:
     state = tx.init(params)
@@ -603,6 +623,51 @@ def test_the_fallback_warns_once_per_trace(monkeypatch):
   assert len(record) == 2, [str(w.message) for w in record]
 
 
+def test_zero_copy_must_be_a_bool():
+  with pytest.raises(ValueError, match="zero_copy"):
+    optax_zclip.skip_spikes(optax.sgd(1.0), zero_copy="yes")
+
+
+def _scoped(inner, scope):
+  """``inner`` with its update traced inside ``jax.named_scope(scope)``."""
+  def update(updates, state, params=None, **extra_args):
+    del extra_args
+    with jax.named_scope(scope):
+      return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(inner.init, update)
+
+
+def _scope_names(tx, scope, **extra_args):
+  """The op names under ``scope`` in the lowered step, with the scopes
+  above it cut off, counted."""
+  params = _params()
+  state = tx.init(params)
+
+  def step(p, s, g):
+    with jax.named_scope("train_step"):
+      u, s = tx.update(g, s, p, **extra_args)
+    return optax.apply_updates(p, u), s
+
+  text = jax.jit(step).lower(params, state, params).as_text(debug_info=True)
+  names = re.findall(rf'"[^"]*/train_step/(?:[^"/]*/)*{scope}/([^"]*)"', text)
+  # A bare "jit" names the call site of a nested jit (a location, no op),
+  # which the lowering writes for the chain's own calls only.
+  return collections.Counter(n for n in names if n != "jit")
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_the_inner_update_keeps_its_named_scopes(zero_copy):
+  # On GPU/TPU profiles an op is known by its scope: the inner update's ops
+  # carry its jax.named_scope in skip_spikes as they do in the bare chain
+  # (under skip_spikes' caller's scope), each of them.
+  inner = _scoped(optax.adamw(1e-2), "inner_update")
+  bare = _scope_names(inner, "inner_update")
+  assert sum(bare.values()) >= 10  # AdamW's moments, bias corrections, ...
+  wrapped = _scope_names(
+      optax_zclip.skip_spikes(inner, window=8, zero_copy=zero_copy),
+      "inner_update", value=jnp.float32(1.0))
+  assert wrapped == bare
 # --------------------------------------------------------------------------
 # An update without a loss: a warning, unless the norm test alone is asked
 # for.
@@ -963,22 +1028,4 @@ def test_the_inner_clip_reuses_the_measured_norms_in_the_trace(name):
   # Updates scaled first are other arrays: measured again.
   assert _overflow_passes(optax_zclip.skip_spikes(
       optax.chain(optax.scale(2.0), clip(), optax.adamw(1e-3)))) == 2
-  assert not _numerics._known_list()  # noqa: SLF001
-
-
-def test_known_norms_match_the_same_arrays_and_axis_only():
-  tree = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}
-  marked = [jnp.float32(-1.0), jnp.float32(-2.0)]
-  with _numerics.known_norms(tree, None, marked):
-    assert _numerics.leaf_norm_list(tree) == marked
-    # Equal values in other arrays, or another axis: computed.
-    copy = jax.tree.map(jnp.array, tree)
-    np.testing.assert_array_equal(_numerics.leaf_norm_list(copy), [5, 12])
-    with pytest.raises(NameError):  # a psum over an unbound axis
-      _numerics.leaf_norm_list(tree, "batch")
-    # A function traced again on new arrays for the same values.
-    new = [jnp.array([3.0, 4.0]), jnp.array([[12.0]])]
-    with _numerics.known_norms_carried(jax.tree.leaves(tree), new):
-      assert _numerics.leaf_norm_list({"a": new[0], "b": new[1]}) == marked
-    assert len(_numerics._known_list()) == 1  # noqa: SLF001
-  np.testing.assert_array_equal(_numerics.leaf_norm_list(tree), [5, 12])
+  assert not _shared_norms._offered()  # noqa: SLF001 (none left behind)
