@@ -1,24 +1,29 @@
 """How long an optimizer step takes to compile, for a tree of many leaves.
 
 Compile time grows with the number of parameter arrays: XLA emits a few
-kernels per leaf, and each is generated and compiled on its own. This script
-builds a tree of ``--leaves`` bfloat16 leaves (alternately 64 and 64x64
-elements, the vectors and matrices of a deep model), and for each variant the
-donated ``jax.jit`` optimizer step (``tx.update`` and
-`optax.apply_updates`; `optax_zclip.skip_spikes` gets ``value=``). It times
-tracing, lowering and XLA's compilation from empty caches
-(`jax.clear_caches`), in alternating repetitions, and reports the medians
-and the total as a ratio to ``optax.clip_by_global_norm`` followed by AdamW.
+kernels per leaf, and compiles a kernel once for all the leaves it fits
+(same shape, same computation). This script builds a tree of ``--leaves``
+leaves of ``--dtype`` (``--shapes two``: alternately 64 and 64x64 elements,
+the vectors and matrices of a deep model's repeated blocks; ``distinct``:
+each its own shape, 64x(40+i); ``random``: 1-d or 2-d, each side drawn from
+1 to 95, seeded), and for each variant the ``jax.jit`` optimizer step
+(``tx.update`` and `optax.apply_updates`; `optax_zclip.skip_spikes` gets
+``value=``), with its parameters and state donated, not donated, or both
+(``--donate``). It times tracing, lowering and XLA's compilation from empty
+caches (`jax.clear_caches`), every row once per repetition, alternating,
+and reports the medians and the total as a ratio to
+``optax.clip_by_global_norm`` followed by AdamW, compiled the same way.
 
-  python benchmarks/compile_time.py                    # 500 leaves, 3 reps
-  python benchmarks/compile_time.py --leaves 100 --variants adamw,zclip+adamw
-  python benchmarks/compile_time.py --leaves 300 --variants adamw \
-    --distinct-shapes
-  python benchmarks/compile_time.py --ablate no-overflow-pass,no-select
+``--barrier on,off`` compiles this package's variants a second time with
+``jax.lax.optimization_barrier`` replaced by the identity: the barrier that
+keeps the norm's read of each leaf out of the update's fusions (what it
+buys: the Performance guide's memory tables), to see what it costs in
+compile time. Those steps compute the same values.
 
-``--ablate`` compiles each variant again with parts of the package taken
-out, to attribute the compile time; those steps are not usable optimizers
-(see `ABLATIONS`).
+  python benchmarks/compile_time.py                    # 200 bf16 leaves
+  python benchmarks/compile_time.py --leaves 200 --shapes random \
+    --dtype float32 --donate both --barrier on,off \
+    --variants optax.clip_by_global_norm+adamw,zclip+adamw,adagc+adamw
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +46,6 @@ import variants
 from memory import plain_norm_and_scale
 
 import optax_zclip
-from optax_zclip import _numerics, _skip
 
 VARIANTS = {
     **variants.table(1e-3),
@@ -51,147 +58,127 @@ VARIANTS = {
 BASE = "optax.clip_by_global_norm+adamw"
 
 
-def _one_pass_norms(tree, axis_name=None):
-  # The norms without the overflow-safe pass: inf where a leaf's float32
-  # sum of squares overflows.
-  leaves = _numerics.check_float_leaves(tree)
-  return [jnp.sqrt(s) for s in _numerics._psum(  # noqa: SLF001
-      [_numerics._leaf_sq_sum(x) for x in leaves], axis_name)]  # noqa: SLF001
-
-
-def _ungated(update, keep, updates, state):
-  del keep  # every step is taken
-  return update(updates, state)
-
-
-# Parts of the package that --ablate takes out, for attribution only: without
-# the overflow pass a gradient whose sum of squares overflows float32 gets an
-# infinite norm; without the select, skip_spikes still decides but never
-# skips.
-ABLATIONS = {
-    "no-overflow-pass": (_numerics, "leaf_norm_list", _one_pass_norms),
-    "no-select": (_skip, "_gated_update", _ungated),
-}
+def _is_ours(name: str) -> bool:
+  """Whether variant ``name`` holds a transform of this package (the base
+  and bare AdamW do not: the barrier is not theirs)."""
+  return not (name == "adamw" or name.startswith("optax."))
 
 
 @contextlib.contextmanager
-def _ablated(names: tuple[str, ...]):
-  saved = [(m, a, getattr(m, a)) for m, a, _ in map(ABLATIONS.get, names)]
+def barrier(on: bool) -> Iterator[None]:
+  """Within the block, ``jax.lax.optimization_barrier`` is the identity
+  unless ``on``. The barrier changes no value, only what XLA may fuse."""
+  real = jax.lax.optimization_barrier
+  if not on:
+    jax.lax.optimization_barrier = lambda x: x
   try:
-    for module, attr, replacement in map(ABLATIONS.get, names):
-      setattr(module, attr, replacement)
     yield
   finally:
-    for module, attr, original in saved:
-      setattr(module, attr, original)
+    jax.lax.optimization_barrier = real
 
 
-def tree(leaves: int, distinct: bool = False) -> dict[str, jax.Array]:
-  """``leaves`` bf16 arrays, alternately of shape (64,) and (64, 64), or
-  with ``distinct`` each of its own shape, (64, 40 + i)."""
+def tree(leaves: int, shapes: str = "two", dtype: str = "bfloat16"
+         ) -> dict[str, jax.Array]:
+  """``leaves`` arrays of ``dtype``, shaped as ``shapes`` says (see the
+  module docstring)."""
   rng = np.random.default_rng(0)
 
   def shape(i):
-    if distinct:
+    if shapes == "distinct":
       return (64, 40 + i)
+    if shapes == "random":
+      return tuple(int(n) for n in rng.integers(1, 96, rng.integers(1, 3)))
     return (64, 64) if i % 2 else (64,)
 
-  return {f"p{i:04d}": jnp.asarray(rng.normal(size=shape(i)), jnp.bfloat16)
+  return {f"p{i:04d}": jnp.asarray(rng.normal(size=shape(i)), dtype)
           for i in range(leaves)}
 
 
-def compile_seconds(name: str, params: dict[str, jax.Array],
-                    ablate: tuple[str, ...] = ()
+class Row(NamedTuple):
+  """One compiled step: the variant, whether its arguments are donated and
+  whether the barrier is on."""
+
+  name: str
+  donate: bool = True
+  barrier: bool = True
+
+
+def compile_seconds(row: Row, params: dict[str, jax.Array]
                     ) -> tuple[float, float, float]:
-  """(trace, lower, compile) seconds of variant ``name``'s step, with the
-  parts ``ablate`` names taken out (`ABLATIONS`)."""
-  with _ablated(ablate):
-    return _compile_seconds(name, params)
+  """(trace, lower, compile) seconds of ``row``'s step, from empty caches."""
+  with barrier(row.barrier):
+    jax.clear_caches()
+    make, takes_value = VARIANTS[row.name]
+    tx = make()
+    state = tx.init(params)
+    extra = {"value": jnp.float32(1.0)} if takes_value else {}
 
+    def step(p, s, g):
+      u, s = tx.update(g, s, p, **extra)
+      return optax.apply_updates(p, u), s
 
-def _compile_seconds(name: str, params: dict[str, jax.Array]
-                     ) -> tuple[float, float, float]:
-  jax.clear_caches()
-  make, takes_value = VARIANTS[name]
-  tx = make()
-  state = tx.init(params)
-  extra = {"value": jnp.float32(1.0)} if takes_value else {}
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p, **extra)
-    return optax.apply_updates(p, u), s
-
-  t0 = time.perf_counter()
-  traced = jax.jit(step, donate_argnums=(0, 1)).trace(params, state, params)
-  t1 = time.perf_counter()
-  lowered = traced.lower()
-  t2 = time.perf_counter()
-  lowered.compile()
-  t3 = time.perf_counter()
+    donate = (0, 1) if row.donate else ()
+    t0 = time.perf_counter()
+    traced = jax.jit(step, donate_argnums=donate).trace(params, state, params)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    lowered.compile()
+    t3 = time.perf_counter()
   return t1 - t0, t2 - t1, t3 - t2
 
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--leaves", type=int, default=500)
+  p.add_argument("--leaves", type=int, default=200)
+  p.add_argument("--shapes", default="two",
+                 choices=["two", "distinct", "random"])
+  p.add_argument("--dtype", default="bfloat16",
+                 choices=["float32", "bfloat16"])
   p.add_argument("--reps", type=int, default=3,
                  help="alternating compilations of each step (median)")
   p.add_argument("--variants", default=",".join(VARIANTS))
-  p.add_argument("--distinct-shapes", action="store_true",
-                 help="give every leaf a shape of its own (no kernel is "
-                      "shared between leaves)")
-  p.add_argument("--ablate", default="",
-                 help="also compile every variant without these parts, "
-                      "one row each (comma-separated, from "
-                      f"{', '.join(ABLATIONS)}; 'all' for all of them "
-                      "together); for attribution only")
+  p.add_argument("--donate", default="yes", choices=["yes", "no", "both"],
+                 help="donate the step's parameters and state")
+  p.add_argument("--barrier", default="on",
+                 help="on, off or on,off: this package's variants with the "
+                      "norm's optimization barrier, without, or both")
   args = p.parse_args(argv)
   names = args.variants.split(",")
   unknown = set(names) - set(VARIANTS)
   if unknown:
     p.error(f"unknown variants {sorted(unknown)}; choose from "
             f"{', '.join(VARIANTS)}")
-  cuts = [tuple(ABLATIONS) if a == "all" else (a,)
-          for a in args.ablate.split(",") if a]
-  bad = {a for cut in cuts for a in cut} - set(ABLATIONS)
-  if bad:
-    p.error(f"unknown --ablate {sorted(bad)}; choose from "
-            f"{', '.join(ABLATIONS)} or all")
-  rows = [(n, ()) for n in names]
-  for cut in cuts:
-    rows += [(n, _relevant(n, cut)) for n in names
-             if _relevant(n, cut) and (n, _relevant(n, cut)) not in rows]
-  params = tree(args.leaves, args.distinct_shapes)
-  times: dict[tuple[str, tuple[str, ...]], list[tuple[float, float, float]]]
-  times = {r: [] for r in rows}
+  barriers = args.barrier.split(",")
+  if not barriers or set(barriers) - {"on", "off"}:
+    p.error(f"--barrier takes on, off or on,off; got {args.barrier!r}")
+  donations = {"yes": [True], "no": [False], "both": [True, False]}[
+      args.donate]
+  rows = [Row(n, d, b == "on") for d in donations for n in names
+          for b in barriers if b == "on" or _is_ours(n)]
+  params = tree(args.leaves, args.shapes, args.dtype)
+  times: dict[Row, list[tuple[float, float, float]]] = {r: [] for r in rows}
   for _ in range(args.reps):
-    for name, cut in rows:
-      times[name, cut].append(compile_seconds(name, params, cut))
+    for row in rows:
+      times[row].append(compile_seconds(row, params))
   total = {r: statistics.median(sum(t) for t in ts) for r, ts in times.items()}
-  base = total.get((BASE, ()))
-  kind = "bf16 leaves of distinct shapes" if args.distinct_shapes else (
-      "bf16 leaves")
-  print(f"# compile time of the donated optimizer step: {args.leaves} {kind}"
-        f", median of {args.reps}; {platform.machine()}, jax "
-        f"{jax.__version__}, optax {optax.__version__}, "
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"# compile time of the optimizer step: {args.leaves} {args.dtype} "
+        f"leaves, shapes {args.shapes}, median of {args.reps}; "
+        f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, "
+        f"jax {jax.__version__}, optax {optax.__version__}, "
         f"{datetime.date.today()}")
-  print("| variant | trace s | lower s | compile s | total s | ratio |")
-  print("|---|---|---|---|---|---|")
-  for name, cut in rows:
-    parts = [statistics.median(t[i] for t in times[name, cut])
-             for i in range(3)]
-    ratio = f"{total[name, cut] / base:.2f}" if base else "-"
-    label = name + "".join(f", {c}" for c in cut)
-    print(f"| {label} | " + " | ".join(f"{x:.2f}" for x in parts)
-          + f" | {total[name, cut]:.2f} | {ratio} |")
-
-
-def _relevant(name: str, cut: tuple[str, ...]) -> tuple[str, ...]:
-  """The parts in ``cut`` whose removal changes variant ``name``'s step."""
-  if name == "adamw" or name.startswith("optax."):  # optax alone
-    return ()
-  return tuple(c for c in cut
-               if c == "no-overflow-pass" or VARIANTS[name].takes_value)
+  print("| variant | donated | barrier | trace s | lower s | compile s "
+        "| total s | ratio |")
+  print("|---|---|---|---|---|---|---|---|")
+  for row in rows:
+    parts = [statistics.median(t[i] for t in times[row]) for i in range(3)]
+    base = total.get(Row(BASE, row.donate, True))
+    ratio = f"{total[row] / base:.2f}" if base else "-"
+    print(f"| {row.name} | {'yes' if row.donate else 'no'} | "
+          f"{('on' if row.barrier else 'off') if _is_ours(row.name) else '-'}"
+          " | " + " | ".join(f"{x:.2f}" for x in parts)
+          + f" | {total[row]:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 For each chain of ``benchmarks/variants.py`` (every clipping transform
 chained before AdamW, alone and wrapped in `optax_zclip.skip_spikes`), for
-``optax.apply_if_finite`` and once with `skip_spikes`' fallback forced (the
-whole-state select it falls back to where its jaxpr replay cannot run),
+``optax.apply_if_finite`` and for ``skip_spikes(..., zero_copy=False)`` (the
+whole-state select after the update, which `skip_spikes` also falls back to
+where its zero-copy select cannot run),
 compiles a donated ``jax.jit`` train step (forward, backward, update,
 ``optax.apply_updates``) on 16 float32 (or bfloat16) matrices of 1024x1024
 (64 MiB of float32 parameters) and prints, over bare ``optax.adamw``:
@@ -26,9 +27,6 @@ not run it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import warnings
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +34,6 @@ import optax
 import variants
 
 import optax_zclip
-from optax_zclip import _compat
 
 
 def plain_norm_and_scale() -> optax.GradientTransformation:
@@ -62,24 +59,14 @@ VARIANTS = {
 }
 
 
-@contextlib.contextmanager
-def replay_unavailable() -> Iterator[None]:
-  """`skip_spikes` traced in here takes its fallback, as on a JAX whose
-  jaxpr replay fails (and its warning is silenced)."""
-  def unsupported(*args, **kwargs):
-    raise _compat.ReplayUnsupported("forced by benchmarks/memory.py")
-
-  real = _compat.replay_jaxpr
-  _compat.replay_jaxpr = unsupported
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", optax_zclip.SkipSpikesFallbackWarning)
-      yield
-  finally:
-    _compat.replay_jaxpr = real
+# The select after the update, as skip_spikes(..., zero_copy=False) makes it.
+AFTER = "skip_spikes(zclip+adamw), zero_copy=False"
 
 
-FALLBACK = "skip_spikes(zclip+adamw), fallback forced"
+def selecting_after() -> optax.GradientTransformation:
+  """`AFTER`'s optimizer."""
+  return optax_zclip.skip_spikes(
+      optax.chain(optax_zclip.zclip(), optax.adamw(1e-3)), zero_copy=False)
 
 
 def analyse(tx: optax.GradientTransformation, with_value: bool,
@@ -117,9 +104,7 @@ def table(matrices: int = 16, size: int = 1024,
   param_bytes = matrices * size * size * jnp.dtype(dtype).itemsize
   rows = {name: analyse(make(), v, matrices, size, dtype)
           for name, (make, v) in VARIANTS.items()}
-  with replay_unavailable():
-    rows[FALLBACK] = analyse(VARIANTS["skip_spikes(zclip+adamw)"].make(), True,
-                             matrices, size, dtype)
+  rows[AFTER] = analyse(selecting_after(), True, matrices, size, dtype)
   temp0, bytes0 = rows["adamw"]
   return {name: ((t - temp0) / param_bytes, (b - bytes0) / param_bytes)
           for name, (t, b) in rows.items()}

@@ -6,8 +6,11 @@ import re
 import shlex
 import sys
 
-import jax.numpy as jnp
+import jax
+import optax
 import pytest
+
+import optax_zclip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -110,44 +113,57 @@ def test_train_step_tiny_run(capsys):
   assert rows[1].split("|")[1].strip() == train_step.BARE
 
 
+def _compile_rows(out):
+  """(variant, donated, barrier, [trace, lower, compile, total, ratio])."""
+  rows = [[c.strip() for c in line.strip("|").split("|")]
+          for line in out.splitlines() if line.startswith("| ")][1:]
+  return [(r[0], r[1], r[2], [float(c) for c in r[3:]]) for r in rows]
+
+
 def test_compile_time_tiny_run(capsys):
   import compile_time  # noqa: PLC0415
 
   variants = ["adamw", compile_time.BASE, "skip_spikes(zclip+adamw)"]
   compile_time.main(["--leaves", "3", "--reps", "1",
                      "--variants", ",".join(variants)])
-  rows = [line for line in capsys.readouterr().out.splitlines()
-          if line.startswith("| ")]
-  assert [r.split("|")[1].strip() for r in rows[1:]] == variants
-  for r in rows[1:]:
-    trace, lower, comp, total, ratio = map(
-        float, [c.strip() for c in r.strip("|").split("|")][1:])
+  rows = _compile_rows(capsys.readouterr().out)
+  assert [r[:3] for r in rows] == [("adamw", "yes", "-"),
+                                   (compile_time.BASE, "yes", "-"),
+                                   ("skip_spikes(zclip+adamw)", "yes", "on")]
+  for _, _, _, (trace, lower, comp, total, _) in rows:
     assert min(trace, lower, comp) > 0
     assert total == pytest.approx(trace + lower + comp, abs=0.02)
   # The base's own ratio is 1 by definition of the column.
-  assert rows[2].split("|")[-2].strip() == "1.00"
+  assert rows[1][3][4] == 1.0
 
 
-def test_compile_time_ablation_rows_and_restores_the_package(capsys):
+def test_compile_time_barrier_off_rows_and_jax_restored(capsys):
   import compile_time  # noqa: PLC0415
 
-  from optax_zclip import _numerics, _skip  # noqa: PLC0415
+  real = jax.lax.optimization_barrier
+  compile_time.main(["--leaves", "2", "--reps", "1", "--shapes", "random",
+                     "--dtype", "float32", "--donate", "both",
+                     "--barrier", "on,off", "--variants",
+                     f"{compile_time.BASE},zclip+adamw"])
+  rows = _compile_rows(capsys.readouterr().out)
+  # The base once per donation (the barrier is not in it), this package's
+  # variant with and without the barrier; ratios to the base of the same
+  # donation.
+  assert [r[:3] for r in rows] == [
+      (compile_time.BASE, "yes", "-"), ("zclip+adamw", "yes", "on"),
+      ("zclip+adamw", "yes", "off"), (compile_time.BASE, "no", "-"),
+      ("zclip+adamw", "no", "on"), ("zclip+adamw", "no", "off")]
+  assert rows[0][3][4] == rows[3][3][4] == 1.0
+  assert jax.lax.optimization_barrier is real
+  # Without the barrier, the step has none: what the rows compare.
+  params = compile_time.tree(2, "random", "float32")
+  tx = optax.chain(optax_zclip.zclip(), optax.adamw(1e-3))
+  state = tx.init(params)
 
-  originals = _numerics.leaf_norm_list, _skip._gated_update  # noqa: SLF001
-  compile_time.main(["--leaves", "2", "--reps", "1", "--variants",
-                     "adamw,zclip+adamw,skip_spikes(adamw)",
-                     "--ablate", "no-select,all"])
-  rows = [line.split("|")[1].strip()
-          for line in capsys.readouterr().out.splitlines()
-          if line.startswith("| ")][1:]
-  # A row per variant the ablation changes (not AdamW; not ZClip for the
-  # select), none twice.
-  assert rows == ["adamw", "zclip+adamw", "skip_spikes(adamw)",
-                  "skip_spikes(adamw), no-select",
-                  "zclip+adamw, no-overflow-pass",
-                  "skip_spikes(adamw), no-overflow-pass, no-select"]
-  assert (_numerics.leaf_norm_list, _skip._gated_update) == originals  # noqa: SLF001
-  # What the ablation takes out is what makes the norm overflow-safe.
-  big = {"a": jnp.full([4], 3e19, jnp.float32)}
-  assert jnp.isinf(compile_time._one_pass_norms(big)[0])  # noqa: SLF001
-  assert float(_numerics.global_norm(big)) == pytest.approx(6e19, rel=1e-6)
+  def jaxpr_text():
+    return str(jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(params,
+                                                                    state))
+
+  assert "optimization_barrier" in jaxpr_text()
+  with compile_time.barrier(False):
+    assert "optimization_barrier" not in jaxpr_text()
