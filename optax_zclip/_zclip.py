@@ -142,7 +142,8 @@ def zclip(
   in ``c`` on a spike and ``g`` otherwise. A NaN or Inf norm passes the
   updates through and leaves the statistics alone. The cap is not adaptive:
   where the usual norm is near or above it, the cap does all the clipping
-  (:ref:`zclip-cap`). The whole rule is in :ref:`zclip-rule`.
+  (:ref:`zclip-cap`). The whole rule is in :ref:`the ZClip guide
+  <zclip-rule>`.
 
   Args:
     alpha: EMA smoothing factor of the mean and variance, in (0, 1). Larger
