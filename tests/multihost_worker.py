@@ -15,19 +15,19 @@ import pathlib
 import sys
 
 import jax
+import meshes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import LEAVES, SHARD_MAP
 from references import make_sequence
 
 import optax_zclip
-from optax_zclip import _compat
 
-SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
-SEQ = make_sequence(steps=55, seed=5, shapes=SHAPES)  # spikes at 6, 31, 50
+SEQ = make_sequence(steps=55, seed=5, shapes=LEAVES)  # spikes at 6, 31, 50
 CFG = dict(warmup_steps=10, max_grad_norm=2.2)
-SPECS = {"emb": P("data"), "w": P("data"), "b": P("data"),
-         "conv": P(None, "data")}
+LAYOUT = SHARD_MAP["1d"]  # over both processes' devices
+SPECS = LAYOUT.specs
 
 
 def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -41,18 +41,18 @@ def main(process_id: int, port: int, out_dir: pathlib.Path) -> None:
   jax.distributed.initialize(
       coordinator_address=f"127.0.0.1:{port}", num_processes=2,
       process_id=process_id, initialization_timeout=120)
-  assert jax.process_count() == 2 and jax.device_count() == 8
-  assert jax.local_device_count() == 4
+  assert jax.process_count() == 2 and jax.device_count() == meshes.DEVICES
+  assert jax.local_device_count() == meshes.DEVICES // 2
 
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = LAYOUT.mesh()
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
   replicated = NamedSharding(mesh, P())
 
   runs = {
       "jit": (optax_zclip.zclip(**CFG), lambda tx: jax.jit(tx.update)),
       "shard_map": (
-          optax_zclip.zclip(**CFG, axis_name="data"),
-          lambda tx: jax.jit(_compat.shard_map(
+          optax_zclip.zclip(**CFG, axis_name=LAYOUT.axis_name),
+          lambda tx: jax.jit(meshes.shard_map(
               tx.update, mesh=mesh, in_specs=(SPECS, P()),
               out_specs=(SPECS, P())))),
   }

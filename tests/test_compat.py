@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from optax_zclip import _compat
 
@@ -63,27 +62,6 @@ def test_source_of_gives_an_equation_s_named_scopes_under_the_current():
   with pytest.raises(_compat.JaxprApiChanged, match="no `name_stack`"):
     with _compat.source_of(object()):
       pass
-
-
-@pytest.mark.parametrize("check_vma", [True, False])
-def test_shard_map_and_set_mesh_run_on_every_release(check_vma):
-  mesh = _compat.mesh(np.asarray(jax.devices()[:1]), ("data",))
-
-  def f(x):
-    return jax.lax.psum(jnp.sum(x * x), "data")
-
-  step = jax.jit(_compat.shard_map(f, mesh=mesh, in_specs=P("data"),
-                                   out_specs=P(), check_vma=check_vma))
-  with _compat.set_mesh(mesh):
-    assert float(step(jnp.arange(4.0))) == 14.0
-
-
-def test_every_mesh_axis_type_builds_a_mesh():
-  kinds = _compat.mesh_axis_types()
-  assert "auto" in kinds
-  for kind in kinds.values():
-    mesh = _compat.mesh(np.asarray(jax.devices()[:1]), ("x",), kind)
-    assert mesh.axis_names == ("x",)
 
 
 def test_the_barrier_traces_under_jit_vmap_and_grad_on_every_release():

@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import meshes
 import pytest
 from conftest import marked_examples
 
@@ -21,9 +22,8 @@ FILES = [pytest.param(p.name, marks=[pytest.mark.examples]
 
 @pytest.mark.parametrize("name", FILES)
 def test_multidevice_suite_on_8_simulated_devices(name):
-  env = dict(os.environ, OPTAX_ZCLIP_MULTIDEVICE="1", JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + " --xla_force_host_platform_device_count=8").strip()
+  env = dict(os.environ, OPTAX_ZCLIP_MULTIDEVICE="1", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=meshes.xla_flags())
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
        "-n", "0", str(HERE / "multidevice" / name)],

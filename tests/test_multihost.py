@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import meshes
 import numpy as np
 import pytest
 from multihost_worker import CFG, SEQ
@@ -32,8 +33,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
   out = tmp_path_factory.mktemp("multihost")
+  # Half the devices each: one mesh of meshes.DEVICES between them.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=meshes.xla_flags(meshes.DEVICES // 2, env={}))
   port = _free_port()
   procs = []
   logs = [open(out / f"log_{i}.txt", "w+") for i in range(2)]

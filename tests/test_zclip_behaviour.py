@@ -5,6 +5,7 @@ import math
 import bad_values
 import jax
 import jax.numpy as jnp
+import meshes
 import numpy as np
 import optax
 import pytest
@@ -17,7 +18,6 @@ from references import (
 )
 
 import optax_zclip
-from optax_zclip import _compat
 
 ZCLIP_FIELDS = optax_zclip.ZClipState._fields
 
@@ -258,7 +258,7 @@ def test_axis_name_under_shard_map_on_one_device():
   mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
   tx = optax_zclip.zclip(warmup_steps=2, axis_name="data")
   P = jax.sharding.PartitionSpec
-  step = jax.jit(_compat.shard_map(
+  step = jax.jit(meshes.shard_map(
       tx.update, mesh=mesh, in_specs=(P("data"), P()),
       out_specs=(P("data"), P())))
   state = tx.init(None)

@@ -6,16 +6,17 @@ Run it alone with
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG)
+import jax
+import meshes
+import pytest
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+# Before JAX starts its backend (importing it does not).
+os.environ["XLA_FLAGS"] = meshes.xla_flags()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _eight_devices():
-  if jax.device_count() != 8:
-    pytest.fail(f"expected 8 CPU devices, got {jax.devices()}: JAX started "
-                "before this conftest could ask for them")
+def _all_the_devices():
+  if jax.device_count() != meshes.DEVICES:
+    pytest.fail(f"expected {meshes.DEVICES} CPU devices, got "
+                f"{jax.devices()}: JAX started before this conftest could "
+                "ask for them")

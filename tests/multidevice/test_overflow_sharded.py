@@ -16,10 +16,13 @@ import functools
 import math
 
 import jax
+import meshes
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import LEAVES as SHAPES
+from meshes import SHARD_MAP
 from references import (
   assert_same_step,
   make_sequence,
@@ -29,13 +32,11 @@ from references import (
 )
 from transforms import CLIPPERS, TRANSFORMS
 
-from optax_zclip import _compat
-
-SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 # Each leaf split in 8 along one axis; device i holds the i-th slice (for
-# "emb", rows 4i to 4i + 3), as `pmap` gets it from `reshape(8, -1)`.
-SPECS = {"emb": P("data"), "w": P("data"), "b": P("data"),
-         "conv": P(None, "data")}
+# "emb", rows 4i to 4i + 3), as `pmap` gets it from `reshape(8, -1)` once
+# that axis is moved first.
+LAYOUT = SHARD_MAP["1d"]
+SPECS = LAYOUT.specs
 AXES = {"emb": 0, "w": 0, "b": 0, "conv": 1}
 ONE_SLICE_AT, ONLY_THE_SUM_AT, NAN_AT = 8, 11, 14
 F32_MAX = float(np.finfo(np.float32).max)
@@ -91,12 +92,12 @@ def _single_device_run(case):
 
 
 def _shard_map_run(case):
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = LAYOUT.mesh()
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
-  tx = CASES[case](axis_name="data")
-  step = jax.jit(_compat.shard_map(tx.update, mesh=mesh,
-                                   in_specs=(SPECS, P()),
-                                   out_specs=(SPECS, P())))
+  tx = CASES[case](axis_name=LAYOUT.axis_name)
+  step = jax.jit(meshes.shard_map(tx.update, mesh=mesh,
+                                  in_specs=(SPECS, P()),
+                                  out_specs=(SPECS, P())))
   state = jax.device_put(tx.init(SEQ[0]), NamedSharding(mesh, P()))
   rows = []
   for grads in SEQ:
@@ -128,7 +129,7 @@ def _pmap_run(case):
 
 
 def _sharded_jit_run(case):
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = LAYOUT.mesh()
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
   tx = CASES[case]()
   step = jax.jit(tx.update)

@@ -13,11 +13,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+import meshes
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import LEAVES as SHAPES
+from meshes import SHARD_MAP, SHARDED_JIT
 from references import (
   assert_same_step,
   make_sequence,
@@ -28,9 +31,7 @@ from references import (
 from transforms import CLIPPERS, TRANSFORMS, Entry
 
 import optax_zclip
-from optax_zclip import _compat
 
-SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 # 60 steps: a spike in warm-up (step 6), then spikes at 31, 32 and 50.
 SEQ = make_sequence(steps=60, seed=3, shapes=SHAPES)
 KEYS = sorted(SHAPES)  # jax.tree.leaves order of a dict
@@ -47,14 +48,9 @@ def make_tx(case, **kwargs):
   return CASES[case].make(**kwargs)
 
 
-def _mesh(shape, names, axis_type=None):
-  return _compat.mesh(np.asarray(jax.devices()).reshape(shape), names,
-                      axis_type)
-
-
 # Explicit sharding is tested where the installed JAX has it (jax.sharding.
 # AxisType.Explicit); an older one has Auto axes only.
-AXIS_TYPES = _compat.mesh_axis_types()
+AXIS_TYPES = meshes.mesh_axis_types()
 
 
 
@@ -88,8 +84,8 @@ def assert_same_run(rows, case):
                          ids=list(AXIS_TYPES))
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_jit_fsdp_needs_no_axis_name(case, axis_type):
-  mesh = _mesh((4, 2), ("fsdp", "tp"), axis_type)
-  with _compat.set_mesh(mesh):
+  mesh = SHARDED_JIT.mesh(axis_type)
+  with meshes.set_mesh(mesh):
     rows, hlo = _sharded_jit_run(case, mesh)
   assert_same_run(rows, case)
   assert "all-reduce" in hlo  # the partial squared sums
@@ -113,9 +109,7 @@ def assert_gathers_only_partial_sums(hlo):
 
 
 def _sharded_jit_run(case, mesh):
-  specs = {"emb": P("fsdp", "tp"), "w": P("fsdp"), "b": P("tp"),
-           "conv": P()}  # one leaf replicated, the rest sharded
-  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  shardings = {k: NamedSharding(mesh, s) for k, s in SHARDED_JIT.specs.items()}
   tx = make_tx(case)
   step = jax.jit(tx.update)
   state = tx.init(SEQ[0])
@@ -134,7 +128,7 @@ def _sharded_jit_run(case, mesh):
 
 
 def test_sharded_jit_in_a_chain_keeps_params_and_optimizer_state_sharded():
-  mesh = _mesh((8,), ("fsdp",))
+  mesh = meshes.mesh(np.asarray(jax.devices()), ("fsdp",))
   specs = {"emb": P("fsdp"), "w": P("fsdp"), "b": P("fsdp"),
            "conv": P(None, "fsdp")}
   shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
@@ -165,26 +159,15 @@ def test_sharded_jit_in_a_chain_keeps_params_and_optimizer_state_sharded():
   np.testing.assert_allclose(a["zclip/mean"], b["zclip/mean"], rtol=1e-4)
 
 
-SHARD_MAP_CASES = {
-    "1d": (((8,), ("data",)), "data",
-           {"emb": P("data"), "w": P("data"), "b": P("data"),
-            "conv": P(None, "data")}),
-    "2d_tuple_axis": (((4, 2), ("fsdp", "tp")), ("fsdp", "tp"),
-                      {"emb": P("fsdp", "tp"), "w": P(("fsdp", "tp")),
-                       "b": P(("tp", "fsdp")), "conv": P("fsdp", "tp")}),
-}
-
-
-@pytest.mark.parametrize("layout", list(SHARD_MAP_CASES))
+@pytest.mark.parametrize("layout", list(SHARD_MAP))
 @pytest.mark.parametrize("case", list(CASES))
 def test_shard_map_with_sharded_grads_and_axis_name(case, layout):
-  (shape, names), axis_name, specs = SHARD_MAP_CASES[layout]
-  mesh = _mesh(shape, names)
+  mesh, specs = SHARD_MAP[layout].mesh(), SHARD_MAP[layout].specs
   shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-  tx = make_tx(case, axis_name=axis_name)
-  step = jax.jit(_compat.shard_map(tx.update, mesh=mesh,
-                                   in_specs=(specs, P()),
-                                   out_specs=(specs, P())))
+  tx = make_tx(case, axis_name=SHARD_MAP[layout].axis_name)
+  step = jax.jit(meshes.shard_map(tx.update, mesh=mesh,
+                                  in_specs=(specs, P()),
+                                  out_specs=(specs, P())))
   state = jax.device_put(tx.init(SEQ[0]), NamedSharding(mesh, P()))
   rows = []
   for grads in SEQ:
@@ -196,12 +179,12 @@ def test_shard_map_with_sharded_grads_and_axis_name(case, layout):
 def test_shard_map_without_axis_name_sees_only_the_local_slice():
   # The failure `axis_name` exists to prevent: each device clips its own
   # slice by its own norm, and the decisions differ from one device.
-  mesh = _mesh((8,), ("data",))
+  mesh = SHARD_MAP["1d"].mesh()
   specs = {k: P("data") for k in ("emb", "w", "b")}
   grads = {k: SEQ[40][k] for k in specs}
   cap = tree_norm64(grads.values()) / 10
   tx = optax_zclip.zclip(warmup_steps=1, max_grad_norm=cap)
-  step = jax.jit(_compat.shard_map(
+  step = jax.jit(meshes.shard_map(
       tx.update, mesh=mesh, in_specs=(specs, P()),
       out_specs=(specs, P()), check_vma=False))
   out, _ = step(jax.device_put(

@@ -11,11 +11,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import meshes
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from meshes import LEAVES as SHAPES
+from meshes import SHARD_MAP, SHARDED_JIT
 from references import (
   SkipSpikesRef,
   assert_same_step,
@@ -25,9 +28,7 @@ from references import (
 )
 
 import optax_zclip
-from optax_zclip import _compat
 
-SHAPES = {"emb": (32, 16), "w": (16, 8), "b": (8,), "conv": (4, 8, 2)}
 WINDOW, SIGMA = 16, 3.0
 
 
@@ -54,11 +55,6 @@ def make_tx(axis_name=None):
       optax.sgd(0.1))
   return optax_zclip.skip_spikes(inner, window=WINDOW, sigma=SIGMA,
                                  axis_name=axis_name)
-
-
-def _mesh(shape, names):
-  return _compat.mesh(np.asarray(jax.devices()).reshape(shape), names)
-
 
 
 def _update(tx):
@@ -91,12 +87,10 @@ def assert_same_run(rows):
 
 
 def test_sharded_jit_fsdp_needs_no_axis_name():
-  mesh = _mesh((4, 2), ("fsdp", "tp"))
-  specs = {"emb": P("fsdp", "tp"), "w": P("fsdp"), "b": P("tp"),
-           "conv": P()}  # one leaf replicated, the rest sharded
-  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  mesh = SHARDED_JIT.mesh()
+  shardings = {k: NamedSharding(mesh, s) for k, s in SHARDED_JIT.specs.items()}
   tx = make_tx()
-  with _compat.set_mesh(mesh):
+  with meshes.set_mesh(mesh):
     step = jax.jit(_update(tx))
     state = tx.init(SEQ[0])
     rows = []
@@ -111,21 +105,14 @@ def test_sharded_jit_fsdp_needs_no_axis_name():
   assert_same_run(rows)
 
 
-@pytest.mark.parametrize("layout", ["1d", "2d_tuple_axis"])
+@pytest.mark.parametrize("layout", list(SHARD_MAP))
 def test_shard_map_with_sharded_grads_and_axis_name(layout):
-  if layout == "1d":
-    mesh, axis_name = _mesh((8,), ("data",)), "data"
-    specs = {"emb": P("data"), "w": P("data"), "b": P("data"),
-             "conv": P(None, "data")}
-  else:
-    mesh, axis_name = _mesh((4, 2), ("fsdp", "tp")), ("fsdp", "tp")
-    specs = {"emb": P("fsdp", "tp"), "w": P(("fsdp", "tp")),
-             "b": P(("tp", "fsdp")), "conv": P("fsdp", "tp")}
+  mesh, specs = SHARD_MAP[layout].mesh(), SHARD_MAP[layout].specs
   shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-  tx = make_tx(axis_name)
-  step = jax.jit(_compat.shard_map(_update(tx), mesh=mesh,
-                                   in_specs=(specs, P(), P()),
-                                   out_specs=(specs, P())))
+  tx = make_tx(SHARD_MAP[layout].axis_name)
+  step = jax.jit(meshes.shard_map(_update(tx), mesh=mesh,
+                                  in_specs=(specs, P(), P()),
+                                  out_specs=(specs, P())))
   state = jax.device_put(tx.init(SEQ[0]), NamedSharding(mesh, P()))
   rows = []
   for grads, loss in zip(SEQ, LOSSES, strict=True):
