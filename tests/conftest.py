@@ -14,6 +14,10 @@ examples need do not install with those): it leaves out the tests marked
 ``examples``, which need flax and the examples, and does not even import a
 file marked so as a whole (``pytestmark = pytest.mark.examples``), since it
 imports flax.
+
+``-m "not slow"`` leaves out the long runs, marked ``slow`` (the
+multi-device suites' subprocesses, the property tests' many examples): the
+fast set for everyday work. It combines with ``--library-only``.
 """
 
 import fcntl

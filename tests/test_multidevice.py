@@ -20,6 +20,7 @@ FILES = [pytest.param(p.name, marks=[pytest.mark.examples]
          for p in sorted((HERE / "multidevice").glob("test_*.py"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FILES)
 def test_multidevice_suite_on_8_simulated_devices(name):
   env = dict(os.environ, OPTAX_ZCLIP_MULTIDEVICE="1", JAX_PLATFORMS="cpu",

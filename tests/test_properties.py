@@ -210,6 +210,7 @@ def _zclip_bound(hp, mean, var):
 # ZClip
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(hp=ZCLIP_HPARAMS, history=histories(), grads=grad_trees())
 def test_zclip_scales_by_one_factor_and_respects_every_limit(hp, history,
@@ -246,6 +247,7 @@ def test_zclip_scales_by_one_factor_and_respects_every_limit(hp, history,
     _bit_identical(grads, out)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(hp=ZCLIP_HPARAMS, history=histories(), grads=grad_trees(),
        frac=st.floats(0.0, 0.99))
@@ -277,6 +279,7 @@ def test_zclip_passes_a_gradient_below_the_threshold_bit_identical(
 # AutoClip
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(percentile=st.floats(0.0, 100.0), window=st.sampled_from([4, 32]),
        history=histories(), grads=grad_trees())
@@ -307,6 +310,7 @@ def test_autoclip_clips_to_the_numpy_percentile(percentile, window, history,
 # AdaGC
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(hp=ADAGC_HPARAMS, data=st.data(), grads=grad_trees())
 def test_adagc_scales_each_leaf_by_one_factor_within_its_limit(hp, data,
@@ -362,6 +366,7 @@ def _registry_history(norms, valid, *, name, n):
   return _scan_masked(tx, state, [norms[:, i:i + 1] for i in range(n)], valid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLIPPERS)
 @settings(SETTINGS, max_examples=15)
 @given(data=st.data(), grads=grad_trees())

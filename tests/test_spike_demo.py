@@ -323,6 +323,7 @@ def test_resume_continues_identically(demo, tmp_path):
     assert a["damage"] == b["damage"]
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
   args = TINY + ["--methods", "none", "--seeds", "1", "--steps", "31",
                  "--inject", "28", "--ckpt-every", "0"]
