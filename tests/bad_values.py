@@ -100,6 +100,8 @@ TABLE = [
       None, np.array([6.0]), True]),
     ("skip_spikes", "loss_test", "bool", ["no", None, 0, 1.0,
                                           np.array([True])]),
+    ("skip_spikes", "zero_copy", "bool", ["yes", None, 1, 0.0,
+                                          np.array([True])]),
     (METRICS, "losses", "1-D array-like of real numbers",
      [np.zeros((2, 3)), 3.0, [[1.0, 2.0]], ["a", "b"], [1.0 + 2j, 3.0],
       [1.0, None], [[1.0], [1.0, 2.0]], "loss"]),
