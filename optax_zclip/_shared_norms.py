@@ -4,8 +4,8 @@
 then traces the optimizer it wraps on the same arrays. A clip at the head of
 that optimizer (`zclip`, `adagc`, `autoclip`, `clip_by_global_norm`) would
 trace its own overflow-safe pass over the same leaves; XLA merges the two in
-the end, but only after its passes have compiled both, which doubles their
-compile time (the Performance guide's Compile time section). So the clips
+the end, but only after its passes have compiled both (the Performance
+guide's Compile time section). So the clips
 measure their norms here: inside `offered` for these very arrays (``is``)
 and the same ``axis_name``, they get the norms `skip_spikes` measured, the
 same values by construction; anywhere else, `_numerics` measures them.
