@@ -189,7 +189,7 @@ def test_skip_spikes_skips_a_bad_batch_in_maxtext_and_replays(tmp_path):
               overrides=("skip_step_on_spikes=true", "skip_step_interval=8",
                          "skip_step_scaling_factor=6"))
   # The loss reached skip_spikes (no warning that it tested the norm alone),
-  # and its jaxpr replay ran (no fallback to a copy of the state).
+  # and its zero-copy select ran (no fallback to a copy of the state).
   assert "SkipSpikes" not in run.stderr
 
   loss = run.metric("learning/loss")
