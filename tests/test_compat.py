@@ -57,7 +57,8 @@ def test_source_of_gives_an_equation_s_named_scopes_under_the_current():
     with jax.named_scope("outer_scope"), _compat.source_of(eqn):
       return eqn.primitive.bind(x, **eqn.params)
 
-  text = jax.jit(outer).lower(1.0).as_text(debug_info=True)
+  text = jax.jit(outer).lower(1.0).compiler_ir(
+      "stablehlo").operation.get_asm(enable_debug_info=True)
   assert "outer_scope/inner_scope/sin" in text
   with pytest.raises(_compat.JaxprApiChanged, match="no `name_stack`"):
     with _compat.source_of(object()):

@@ -649,25 +649,33 @@ def _scope_names(tx, scope, **extra_args):
       u, s = tx.update(g, s, p, **extra_args)
     return optax.apply_updates(p, u), s
 
-  text = jax.jit(step).lower(params, state, params).as_text(debug_info=True)
+  # The module with its locations (jax 0.4.36 has no as_text(debug_info=)).
+  text = jax.jit(step).lower(params, state, params).compiler_ir(
+      "stablehlo").operation.get_asm(enable_debug_info=True)
   names = re.findall(rf'"[^"]*/train_step/(?:[^"/]*/)*{scope}/([^"]*)"', text)
-  # A bare "jit" names the call site of a nested jit (a location, no op),
-  # which the lowering writes for the chain's own calls only.
-  return collections.Counter(n for n in names if n != "jit")
+  # A bare "jit" or "pjit" names the call site of a nested jit (a location,
+  # no op of the update's own), which releases write differently; so are
+  # the ops inside a nested jit (jax.numpy's `where`): jax 0.4.36 names them
+  # by the jit's own scopes alone once its call is bound again. The update's
+  # own ops are compared.
+  return collections.Counter(n for n in names
+                             if n not in ("jit", "pjit") and "jit(" not in n)
 
 
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_the_inner_update_keeps_its_named_scopes(zero_copy):
   # On GPU/TPU profiles an op is known by its scope: the inner update's ops
   # carry its jax.named_scope in skip_spikes as they do in the bare chain
-  # (under skip_spikes' caller's scope), each of them.
+  # (under skip_spikes' caller's scope), each of them. (jax 0.4.36 also
+  # names the select after the update by the scope, zero_copy=False: an op
+  # more is no name lost.)
   inner = _scoped(optax.adamw(1e-2), "inner_update")
   bare = _scope_names(inner, "inner_update")
   assert sum(bare.values()) >= 10  # AdamW's moments, bias corrections, ...
   wrapped = _scope_names(
       optax_zclip.skip_spikes(inner, window=8, zero_copy=zero_copy),
       "inner_update", value=jnp.float32(1.0))
-  assert wrapped == bare
+  assert not bare - wrapped, bare - wrapped  # every op, as often
 # --------------------------------------------------------------------------
 # An update without a loss: a warning, unless the norm test alone is asked
 # for.
