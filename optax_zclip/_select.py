@@ -185,8 +185,8 @@ def _evaluate(closed: Any, args: Sequence[Any],
   try:
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
-      subfuns, params = _compat.bind_params(eqn)
       try:
+        subfuns, params = _compat.bind_params(eqn)
         with _compat.source_of(eqn), eqn.ctx.manager:
           out = eqn.primitive.bind(*subfuns, *invals, **params)
       except _compat.JaxprApiChanged:

@@ -543,29 +543,24 @@ def test_selecting_after_gives_the_same_updates_states_and_stats(name):
 
 
 class _OddPrimitive(jax.extend.core.Primitive):
-  """The identity, as a primitive whose bind parameters come in a shape the
-  zero-copy select does not know (a third-party primitive, or a JAX that
-  changed them); with ``fail_on``, its n-th bind raises instead."""
+  """The identity, as a third-party primitive whose bind parameters the
+  zero-copy select cannot read: given in a shape it does not know (a list),
+  or, with ``fails``, not at all (its ``get_bind_params`` raises). JAX's own
+  tracing and lowering never ask for them; only a jaxpr evaluation does."""
 
-  def __init__(self, fail_on=None):
+  def __init__(self, fails=False):
     super().__init__("odd_identity")
     self.def_impl(lambda x: x)
-    self.def_abstract_eval(self._abstract)
+    self.def_abstract_eval(lambda x: x)
     jax.interpreters.mlir.register_lowering(
         self, jax.interpreters.mlir.lower_fun(lambda x: x,
                                               multiple_results=False))
-    self.fail_on, self.binds = fail_on, 0
-
-  def _abstract(self, x):
-    self.binds += 1
-    if self.binds == self.fail_on:
-      raise RuntimeError("a rule this select does not know")
-    return x
+    self.fails = fails
 
   def get_bind_params(self, params):
-    if self.fail_on is None:
-      return [params]  # neither (subfuns, params) nor params
-    return super().get_bind_params(params)
+    if self.fails:
+      raise RuntimeError("a rule this select does not know")
+    return [params]  # neither (subfuns, params) nor params
 
 
 def _through(prim):
@@ -577,14 +572,10 @@ def _through(prim):
 CAUSES = {
     "odd_bind_params": (lambda: _OddPrimitive(),
                         "get_bind_params of odd_identity returned a list"),
-    "bind_fails_midway": (
-        lambda: _OddPrimitive(fail_on=_leaves() + 1),
+    "bind_params_raise": (
+        lambda: _OddPrimitive(fails=True),
         "binding odd_identity failed: RuntimeError: a rule this select"),
 }
-
-
-def _leaves():
-  return len(jax.tree.leaves(_params()))
 
 
 @pytest.mark.parametrize("cause", list(CAUSES))
